@@ -1,0 +1,31 @@
+# One-command set-up and runs on a fresh machine. Everything lives in .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-quick bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch==2.13.0 is the local CPU wheel here; s3fs and moto go in the same call (botocore pin).
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,dask]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/evomerge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/merge_memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Prefect flows and the `evomerge` CLI (installed as `evomerge.flows`)."""

@@ -1,0 +1,56 @@
+"""`evomerge` command line: a thin dispatcher. Each subcommand lives in its own module
+(`evomerge.flows.cmd_<name>`) exposing `add_arguments(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from evomerge_core.errors import EvomergeError
+
+SUBCOMMANDS: dict[str, str] = {
+    "merge": "One-shot merge from a mergekit YAML or an evomerge recipe into a model directory.",
+    "evolve": "Run (or resume) an evolutionary merge search as a Prefect flow.",
+    "demo": "Build the offline toy world and run the evolution end to end.",
+    "publish": "Publish a model directory to the Hugging Face Hub.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        module = _command_module(name)
+        if module is None:
+            continue
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def _command_module(name: str):
+    try:
+        return importlib.import_module(f"evomerge.flows.cmd_{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"evomerge.flows.cmd_{name}":
+            return None  # subcommand not built yet
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except EvomergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks around evomerge_core (installed as `evomerge.tasks`)."""
