@@ -6,6 +6,7 @@ left-padded so a batch wastes little compute; results come back in the caller's 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,12 @@ def _ensure_pad(tokenizer) -> int:
             raise ValueError("tokenizer has neither a pad nor an eos token; set one to batch prompts")
         return int(tokenizer.eos_token_id)
     return int(tokenizer.pad_token_id)
+
+
+def _cache_argument(model) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; support both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -52,6 +59,7 @@ def greedy_generate(
     """
     pad_id = _ensure_pad(tokenizer)
     eos_id = tokenizer.eos_token_id
+    cache_arg = _cache_argument(model)
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -70,17 +78,18 @@ def greedy_generate(
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         generated = torch.zeros((len(batch), 0), dtype=torch.long, device=device)
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        past = None
+        cache = None
         step_ids, step_pos = input_ids, position_ids
         for _ in range(max_new_tokens):
+            kwargs = {cache_arg: cache} if cache is not None else {}
             out = model(
                 input_ids=step_ids,
                 attention_mask=attention,
                 position_ids=step_pos,
-                past_key_values=past,
                 use_cache=True,
+                **kwargs,
             )
-            past = out.past_key_values
+            cache = out.get(cache_arg)
             next_tok = out.logits[:, -1, :].argmax(-1)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
             generated = torch.cat([generated, next_tok[:, None]], dim=1)
