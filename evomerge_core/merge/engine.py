@@ -1,0 +1,246 @@
+"""The merge engine: apply a recipe tensor by tensor, in memory or streamed to disk.
+
+Streaming (`merge_to_dir`) reads one tensor per source at a time, merges it in float32 and
+writes it straight into its planned place in the output shards, so peak memory stays near one
+tensor per source. The output directory is built in a temporary sibling and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from evomerge_core.architectures import is_vocab_tensor
+from evomerge_core.errors import MergeError
+from evomerge_core.io import (
+    TOKENIZER_FILES,
+    LazyModelReader,
+    PlannedTensor,
+    ShardedWriter,
+    copy_files,
+)
+from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params
+from evomerge_core.merge.recipe import MergeRecipe
+from evomerge_core.sources import validate_sources
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A torch dtype from its name (float32, float16, bfloat16, ...)."""
+    try:
+        return DTYPE_NAMES[str(name).lower().removeprefix("torch.")]
+    except KeyError:
+        raise MergeError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16") from None
+
+
+def tensor_generator(seed: int, tensor_name: str, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for one (tensor, model) pair: independent of the order tensors are merged."""
+    digest = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{model_index}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return gen
+
+
+def _merge_planned(plan: MergePlan, tensor_name: str, tensors: Mapping[str, torch.Tensor], num_layers: int) -> torch.Tensor:
+    method = plan.method
+    needed = ([plan.base] if plan.base else []) + list(plan.inputs)
+    missing = [m for m in needed if m not in tensors]
+    if missing:
+        raise MergeError(f"tensor {tensor_name}: no tensor given for model {missing[0]!r}")
+    ref = tensors[plan.reference] if plan.reference in tensors else tensors[needed[0]]
+    ref_shape = tuple(ref.shape)
+    rows = None
+    for model in needed:
+        shape = tuple(tensors[model].shape)
+        if shape == ref_shape:
+            continue
+        if is_vocab_tensor(tensor_name) and len(shape) == len(ref_shape) and shape[1:] == ref_shape[1:]:
+            rows = min(rows if rows is not None else ref_shape[0], shape[0])
+            continue
+        raise MergeError(
+            f"tensor {tensor_name} has shape {list(shape)} in model {model!r} but {list(ref_shape)} in {plan.reference!r}; the models cannot be merged"
+        )
+    global_params, model_params = resolve_tensor_params(plan, tensor_name, num_layers)
+
+    def f32(model: str) -> torch.Tensor:
+        t = tensors[model].to(torch.float32)
+        return t[:rows] if rows is not None else t
+
+    gens = [None] * len(plan.inputs)
+    if method.stochastic:
+        device = tensors[plan.inputs[0]].device
+        gens = [tensor_generator(plan.recipe.seed, tensor_name, i, device) for i in range(len(plan.inputs))]
+    merged = method(
+        [f32(m) for m in plan.inputs],
+        base=f32(plan.base) if plan.base else None,
+        model_params=model_params,
+        params=global_params,
+        generators=gens,
+    )
+    if rows is None:
+        return merged.to(torch.float32)
+    # Vocabulary rule: shared rows merged, the reference model's extra rows kept as they are.
+    out = ref.to(torch.float32).clone()
+    out[:rows] = merged
+    return out
+
+
+def merge_tensor(recipe: MergeRecipe, tensor_name: str, tensors: Mapping[str, torch.Tensor], *, num_layers: int) -> torch.Tensor:
+    """Merge one tensor. `tensors` is keyed by the recipe's model references (base included
+    when the method has one). Returns float32; deterministic for DARE given `recipe.seed`."""
+    return _merge_planned(plan_recipe(recipe), tensor_name, tensors, num_layers)
+
+
+def merge_state_dicts(
+    recipe: MergeRecipe, state_dicts: Mapping[str, Mapping[str, torch.Tensor]], *, num_layers: int
+) -> dict[str, torch.Tensor]:
+    """Merge whole in-memory state dicts (keyed by model reference); tensor names and order
+    come from the reference model (base, else the first listed)."""
+    plan = plan_recipe(recipe)
+    if plan.reference not in state_dicts:
+        raise MergeError(f"no state dict given for model {plan.reference!r}")
+    out = {}
+    for name in state_dicts[plan.reference]:
+        try:
+            tensors = {m: sd[name] for m, sd in state_dicts.items()}
+        except KeyError:
+            bad = next(m for m, sd in state_dicts.items() if name not in sd)
+            raise MergeError(f"tensor {name} is missing from model {bad!r}") from None
+        out[name] = _merge_planned(plan, name, tensors, num_layers)
+    return out
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty OUT_DIR unless `overwrite` (nothing is touched)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"output path {out_dir} exists and is not a directory; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise MergeError(f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another directory")
+
+
+def _out_dtype(recipe: MergeRecipe, dtype: str | None, source_dtype: torch.dtype) -> torch.dtype:
+    for name in (dtype, recipe.out_dtype, recipe.dtype):
+        if name:
+            return parse_dtype(name)
+    return source_dtype if source_dtype.is_floating_point else torch.float32
+
+
+def merge_to_dir(
+    recipe: MergeRecipe,
+    sources: Mapping[str, Path],
+    out_dir: Path,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    shard_size: int = 5 * 10**9,
+    progress: bool = True,
+) -> Path:
+    """Merge resolved sources into a loadable Hugging Face model directory, atomically.
+
+    Config comes from the base (else first) model, tokenizer files from `tokenizer_source`
+    (else base, else first), plus generation_config.json. Returns `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    plan = plan_recipe(recipe)
+    check_out_dir(out_dir, overwrite)
+    needed = ([plan.base] if plan.base else []) + list(plan.inputs)
+    if plan.reference not in needed:
+        needed.insert(0, plan.reference)
+    missing = [m for m in needed if m not in sources]
+    if missing:
+        raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    tokenizer_ref(recipe, plan)
+    info = validate_sources({m: Path(sources[m]) for m in needed}, base=plan.reference)
+    readers = {m: LazyModelReader(Path(sources[m])) for m in needed}
+    first_dtype = next(iter(info.tensor_dtypes.values()))
+    out_dtype = _out_dtype(recipe, dtype, first_dtype)  # type: ignore[arg-type]
+    planned = [
+        PlannedTensor(n, out_dtype if info.tensor_dtypes[n].is_floating_point else info.tensor_dtypes[n], shape)  # type: ignore[union-attr]
+        for n, shape in info.tensor_shapes.items()
+    ]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    writer = ShardedWriter(tmp, planned, shard_size)
+    try:
+        bar = _progress(len(planned), progress)
+        for item in planned:
+            tensors = {m: r.get(item.name).to(device) for m, r in readers.items()}
+            if info.tensor_dtypes[item.name].is_floating_point:  # type: ignore[union-attr]
+                merged = _merge_planned(plan, item.name, tensors, info.num_layers)
+            else:  # integer buffers (rare) are taken from the reference model unchanged
+                merged = tensors[plan.reference]
+            writer.write(item.name, merged.to(item.dtype).cpu())
+            del tensors, merged
+            bar.update(1)
+        bar.close()
+        writer.close()
+        _write_aux(recipe, plan, sources, tmp, out_dtype)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def tokenizer_ref(recipe: MergeRecipe, plan: MergePlan) -> str:
+    """The model whose tokenizer files the output gets (tokenizer_source, else the reference)."""
+    ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else plan.reference
+    if ref == "union":
+        raise MergeError("tokenizer_source: union is not supported; use base or one model reference")
+    if ref not in plan.inputs and ref != plan.base and ref != plan.reference:
+        raise MergeError(f"tokenizer_source {ref!r} is not one of the recipe's models; use base or a listed model")
+    return ref
+
+
+def _write_aux(recipe: MergeRecipe, plan: MergePlan, sources: Mapping[str, Path], tmp: Path, out_dtype: torch.dtype) -> None:
+    import yaml
+
+    ref_dir = Path(sources[plan.reference])
+    config = json.loads((ref_dir / "config.json").read_text())
+    dtype_name = str(out_dtype).removeprefix("torch.")
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    copy_files(ref_dir, tmp, ["generation_config.json"])
+    copy_files(Path(sources[tokenizer_ref(recipe, plan)]), tmp, TOKENIZER_FILES)
+    (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="merging", unit="tensor", file=sys.stderr)

@@ -1,0 +1,63 @@
+"""`evomerge merge CONFIG.yaml OUT_DIR`: one-shot merge from a mergekit YAML or a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from evomerge_core.merge.engine import check_out_dir, merge_to_dir, parse_dtype
+from evomerge_core.architectures import num_hidden_layers
+from evomerge_core.errors import ConfigError
+from evomerge_core.io import read_config
+from evomerge_core.merge.mergekit_yaml import load_config
+from evomerge_core.merge.params import plan_recipe
+from evomerge_core.sources import resolve_source
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="mergekit YAML or evomerge recipe YAML")
+    parser.add_argument("out_dir", type=Path, help="output model directory")
+    parser.add_argument("--dtype", default=None, help="output dtype (float32, float16, bfloat16); default: the config's or the sources'")
+    parser.add_argument("--device", default="cpu", help="where to compute: cpu or cuda (default cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (converted to safetensors)")
+    parser.add_argument("--shard-size", type=int, default=5 * 10**9, help="max bytes per output shard")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="cache for downloaded sources")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    recipe = loaded.recipe
+    for note in loaded.notes:
+        print(note, file=sys.stderr)
+    if args.dtype:
+        parse_dtype(args.dtype)
+    check_out_dir(args.out_dir, args.overwrite)
+    plan = plan_recipe(recipe)
+    refs = ([plan.reference] if plan.reference not in plan.inputs else []) + list(plan.inputs)
+    token = os.environ.get("HF_TOKEN")
+    sources = {
+        ref: resolve_source(ref, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir, token=token) for ref in refs
+    }
+    if loaded.layer_range is not None:
+        for ref, path in sources.items():
+            layers = num_hidden_layers(read_config(path))
+            if loaded.layer_range != (0, layers):
+                raise ConfigError(
+                    f"slice layer_range {list(loaded.layer_range)} does not span all {layers} layers of {ref}; only whole-model slices are supported"
+                )
+    merge_to_dir(
+        recipe,
+        sources,
+        args.out_dir,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+    )
+    print(f"merged {len(sources)} models with {recipe.merge_method} into {args.out_dir}")
+    return 0
