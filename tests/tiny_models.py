@@ -90,3 +90,13 @@ def make_tiny_llama(
     if tokenizer:
         save_tiny_tokenizer(path)
     return path
+
+
+def make_tiny_family(root: Path | str, *, n_finetunes: int = 2, seed: int = 0, noise: float = 0.01, **kwargs) -> dict[str, Path]:
+    """A base model and `n_finetunes` fine-tunes (base + seeded noise) under `root`:
+    {"base": ..., "ft1": ..., "ft2": ...}."""
+    root = Path(root)
+    family = {"base": make_tiny_llama(root / "base", seed, **kwargs)}
+    for i in range(1, n_finetunes + 1):
+        family[f"ft{i}"] = make_tiny_llama(root / f"ft{i}", seed + 100 * i, base=family["base"], noise=noise, tokenizer=kwargs.get("tokenizer", True))
+    return family
