@@ -42,7 +42,7 @@ SECRET_ENV_VARS = (
 )
 _SECRET_OPTION_NAME = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 _MIN_SECRET_LEN = 6  # shorter values would match ordinary text and are not real secrets
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 # temporary files of an atomic write and lock files (LocalBackend); never part of the content
 _INTERNAL_LOCAL_NAME = re.compile(r"^\..*\.(tmp-[0-9a-f]{32}|lock)$")
 
@@ -90,7 +90,8 @@ def parse_storage_url(url: str) -> StorageLocation:
         bucket = parts.netloc
         if not bucket or not _BUCKET_RE.match(bucket) or "@" in bucket or ":" in bucket:
             raise StorageError(
-                f"storage URL {url!r} has no valid bucket name; use {ACCEPTED_FORMS}."
+                f"storage URL {url!r} has no valid bucket name (3-63 lowercase letters, digits, "
+                f"'.', '-'); use {ACCEPTED_FORMS}."
             )
         prefix = "/".join(p for p in parts.path.split("/") if p)
         if any(p in (".", "..") for p in prefix.split("/")):
@@ -363,6 +364,23 @@ class S3Backend(Backend):
             self.fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, **options)
         except Exception as exc:  # bad option names or values
             raise self.error("open", "", exc) from None
+
+    def error(self, action: str, key: str, exc: BaseException | str) -> StorageError:
+        """Like :meth:`Backend.error`, with the usual fix for the usual S3 failures."""
+        err = super().error(action, key, exc)
+        text = str(exc)
+        if isinstance(exc, PermissionError):
+            hint = (
+                "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the storage "
+                "options key/secret) and their permissions on the bucket"
+            )
+        elif "bucket does not exist" in text.lower() or "NoSuchBucket" in text:
+            hint = "create the bucket or correct the storage URL"
+        elif "Could not connect" in text or "EndpointConnectionError" in type(exc).__name__:
+            hint = "check AWS_ENDPOINT_URL (or the endpoint_url option) and that the server runs"
+        else:
+            return err
+        return StorageError(f"{err}; {hint}.")
 
     def _full(self, key: str) -> str:
         return f"{self.location.root}/{key}" if key else self.location.root

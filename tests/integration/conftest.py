@@ -127,6 +127,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={config}",
+        "-s3.autoCreateBucket=false",  # behave like AWS: a missing bucket is an error
         "-webdav=false",
         "-admin.ui=false",
         f"-admin.port={admin}",
