@@ -1,0 +1,394 @@
+"""The run config of an evolutionary merge (`evomerge evolve CONFIG.yaml`): pydantic models,
+YAML loading with friendly errors, and the static checks that run before anything is loaded.
+
+A run = sources (one marked ``base``) + a search space + an optimizer + a fitness + storage.
+Defaults follow the paper (Akiba et al. 2025, PS): x0 0.5, sigma0 1/6, popsize
+4 + floor(3 ln n), bounds [0, 1], no weight normalisation, 1000 evaluations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import string
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge_core.errors import ConfigError, UsageError
+from evomerge_core.merge.recipe import ParamValue
+
+DEFAULT_STORAGE = "file://./runs"
+DEFAULT_EVALUATIONS = 1000  # the paper's PS budget (Optuna CMA-ES, 1000 trials)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    """One source model: a Hub id (``org/name[@revision]``), a local dir or an fsspec URL."""
+
+    model: str = Field(min_length=1)
+    base: bool = False
+
+
+class LayerGroups(_Strict):
+    """Split the decoder layers into N contiguous groups, each with its own parameters."""
+
+    layer_groups: int = Field(ge=1)
+
+
+class PSSpaceConfig(_Strict):
+    """Parameter-space search: evolve the per-model parameters of one merge method."""
+
+    method: str = "dare_ties"
+    # Per-model parameters to evolve; default: all the method's per-model parameters.
+    params: list[str] | None = None
+    granularity: Union[Literal["model"], LayerGroups] = "model"
+    # Per-parameter [low, high]; default [0, 1].
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    # Initial point: one value for all, or one per parameter name.
+    x0: Union[float, dict[str, float]] = 0.5
+    # Global method parameters held fixed (normalize, lambda, ...).
+    fixed: dict[str, ParamValue] = Field(default_factory=dict)
+    # Seed of stochastic merge methods (DARE's random drop), fixed for the whole run.
+    merge_seed: int = 0
+
+    @field_validator("granularity", mode="before")
+    @classmethod
+    def _granularity(cls, value: Any) -> Any:
+        if value == "model" or isinstance(value, LayerGroups):
+            return value
+        if isinstance(value, dict) and set(value) == {"layer_groups"}:
+            return value
+        raise ValueError("must be 'model' or {layer_groups: N}")
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds_ordered(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (lo, hi) in value.items():
+            if not lo < hi:
+                raise ValueError(f"bounds of {name!r} are reversed or empty ([{lo}, {hi}]); write them as [low, high]")
+        return value
+
+    def bounds_of(self, param: str) -> tuple[float, float]:
+        """The [low, high] bounds of a parameter."""
+        lo, hi = self.bounds.get(param, (0.0, 1.0))
+        return float(lo), float(hi)
+
+    def x0_of(self, param: str) -> float:
+        """The initial value of a parameter."""
+        if isinstance(self.x0, dict):
+            return float(self.x0.get(param, 0.5))
+        return float(self.x0)
+
+
+class SpaceConfig(_Strict):
+    """The search space (only ``ps`` for now)."""
+
+    ps: PSSpaceConfig = Field(default_factory=PSSpaceConfig)
+
+
+class OptimizerConfig(_Strict):
+    """CMA-ES settings; the budget is `generations` or `evaluations` (whole generations)."""
+
+    name: Literal["cma"] = "cma"
+    sigma0: float = Field(default=1 / 6, gt=0)
+    popsize: int | None = Field(default=None, ge=2)
+    seed: int = 0
+    generations: int | None = Field(default=None, ge=1)
+    evaluations: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> OptimizerConfig:
+        if self.generations is not None and self.evaluations is not None:
+            raise ValueError("set either generations or evaluations, not both")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """Where fitness items come from (`datasets`): a Hub dataset id or local file(s).
+
+    `columns` maps our names to the dataset's: ``{prompt: question, answer: answer_number}``.
+    """
+
+    path: str = Field(min_length=1)
+    name: str | None = None
+    split: str = "train"
+    data_files: Union[str, list[str], dict[str, Union[str, list[str]]], None] = None
+    revision: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    num_items: int | None = Field(default=None, ge=1)
+
+
+class FitnessConfig(_Strict):
+    """How a candidate model is scored on the training items."""
+
+    dataset: DatasetSpec | None = None
+    # Held-out split, reported for the best model only, never used for selection.
+    test: DatasetSpec | None = None
+    scorer: str = "math_accuracy"
+    options: dict[str, Any] = Field(default_factory=dict)
+    # Reported accuracy: "auto" (the fitness itself for accuracy scorers, else exact_match),
+    # a scorer name, or "none".
+    accuracy_scorer: str = "auto"
+    accuracy_options: dict[str, Any] = Field(default_factory=dict)
+    prompt_template: str = "{prompt}"
+    max_new_tokens: int = Field(default=256, ge=1)
+    stop_strings: list[str] = Field(default_factory=list)
+    batch_size: int = Field(default=16, ge=1)
+    # Fitness recorded for a failed candidate; default: the scorer's worst value.
+    failure_fitness: float | None = None
+
+
+class RuntimeConfig(_Strict):
+    """Where and in what dtype candidates are evaluated."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class PublishConfig(_Strict):
+    """Upload of the best model (carried out by `evomerge publish`; a later issue)."""
+
+    repo_id: str | None = None
+    private: bool = True
+
+
+class OutputConfig(_Strict):
+    """What is written at the end of a run."""
+
+    materialise_best: bool = True
+    dtype: str | None = None
+    report: bool = True
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+
+
+class RunConfig(_Strict):
+    """A complete evolutionary-merge run."""
+
+    run_key: str | None = None
+    storage: str = DEFAULT_STORAGE
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    sources: list[SourceSpec] = Field(min_length=1)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    fitness: FitnessConfig = Field(default_factory=FitnessConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("run_key")
+    @classmethod
+    def _run_key_safe(cls, value: str | None) -> str | None:
+        if value is not None:
+            allowed = set(string.ascii_letters + string.digits + "-_.")
+            if not value or not set(value) <= allowed or value.startswith("."):
+                raise ValueError("use only letters, digits, '-', '_' and '.' (not leading)")
+        return value
+
+    @property
+    def base(self) -> str | None:
+        """The model marked ``base: true``, if any."""
+        bases = [s.model for s in self.sources if s.base]
+        return bases[0] if bases else None
+
+    def effective_run_key(self) -> str:
+        """`run_key`, or `evolve-<hash of the config>` when none is set."""
+        return self.run_key or f"evolve-{self.config_hash()[:12]}"
+
+    def config_hash(self) -> str:
+        """A stable hash of everything that changes results (not the run key or storage)."""
+        payload = self.model_dump(mode="json", exclude={"run_key", "storage", "storage_options", "output"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def generations(self, popsize: int) -> int:
+        """Number of generations: `generations`, else ceil(evaluations / popsize)."""
+        if self.optimizer.generations is not None:
+            return self.optimizer.generations
+        evals = self.optimizer.evaluations or DEFAULT_EVALUATIONS
+        return -(-evals // popsize)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config and validate it (schema + static checks); raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; pass the path of a run config YAML")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_run_config(raw, source=str(path))
+
+
+def parse_run_config(raw: Any, *, source: str = "config") -> RunConfig:
+    """Validate a config dict (schema + static checks); raises ConfigError naming the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a YAML mapping with sources, space, optimizer and fitness")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_friendly(exc)}") from None
+    try:
+        check_run_config(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Cross-field checks needing registries but no downloads; raises ConfigError."""
+    # Imported here: the merge registry and scorers are heavier than the schema.
+    from evomerge_core.errors import MergeError
+    from evomerge_core.fitness.registry import validate_scorer
+    from evomerge_core.merge.methods import PARAM_RANGES, get_method
+
+    refs = [s.model for s in config.sources]
+    dupes = sorted({r for r in refs if refs.count(r) > 1})
+    if dupes:
+        raise ConfigError(f"sources: {dupes[0]!r} is listed twice; list each source model once")
+    bases = [s.model for s in config.sources if s.base]
+    if len(bases) > 1:
+        raise ConfigError(f"sources: {len(bases)} models are marked base: true; mark exactly one")
+    ps = config.space.ps
+    try:
+        method = get_method(ps.method)
+    except MergeError as exc:
+        raise ConfigError(f"space.ps.method: {exc}") from None
+    if method.needs_base and not bases:
+        raise ConfigError(
+            f"sources: merge method {ps.method!r} works on task vectors and needs a base model; "
+            "mark one source with base: true"
+        )
+    inputs = [s.model for s in config.sources if not (s.base and method.needs_base)]
+    if not inputs:
+        raise ConfigError("sources: list at least one model besides the base to merge into it")
+    if method.num_models is not None and len(inputs) != method.num_models:
+        raise ConfigError(f"sources: merge method {ps.method!r} takes exactly {method.num_models} non-base model(s), got {len(inputs)}")
+    params = ps.params if ps.params is not None else list(method.model_params)
+    if not params:
+        raise ConfigError(f"space.ps.params: merge method {ps.method!r} has no per-model parameters to evolve")
+    for p in params:
+        if p not in method.model_params:
+            raise ConfigError(f"space.ps.params: {p!r} is not a per-model parameter of {ps.method!r}{_did_you_mean(p, method.model_params)}; choose from {list(method.model_params)}")
+    if len(set(params)) != len(params):
+        raise ConfigError("space.ps.params: a parameter is listed twice")
+    for name in ps.bounds:
+        if name not in params:
+            raise ConfigError(f"space.ps.bounds: {name!r} is not an evolved parameter{_did_you_mean(name, params)}; evolved: {params}")
+    if isinstance(ps.x0, dict):
+        for name in ps.x0:
+            if name not in params:
+                raise ConfigError(f"space.ps.x0: {name!r} is not an evolved parameter{_did_you_mean(name, params)}; evolved: {params}")
+    for p in params:
+        lo, hi = ps.bounds_of(p)
+        if p in PARAM_RANGES:
+            vlo, vhi = PARAM_RANGES[p]
+            if lo < vlo or hi > vhi:
+                raise ConfigError(f"space.ps.bounds.{p}: [{lo}, {hi}] leaves the valid range [{vlo}, {vhi}] of {p}")
+        x0 = ps.x0_of(p)
+        if not lo <= x0 <= hi:
+            raise ConfigError(f"space.ps.x0: initial {p} {x0} lies outside its bounds [{lo}, {hi}]")
+    for key in ps.fixed:
+        if key not in method.global_params:
+            raise ConfigError(f"space.ps.fixed: {key!r} is not a global parameter of {ps.method!r}{_did_you_mean(key, method.global_params)}; choose from {sorted(method.global_params)}")
+    if isinstance(ps.granularity, LayerGroups) and ps.granularity.layer_groups < 1:
+        raise ConfigError("space.ps.granularity.layer_groups must be at least 1")
+    validate_scorer(config.fitness)
+    _check_prompt_template(config.fitness.prompt_template)
+    if not (config.storage.startswith(("file://", "s3://", "memory://")) or "://" not in config.storage):
+        raise ConfigError(f"storage: {config.storage!r} is not supported; use a file:// directory or an s3:// URL")
+
+
+def _check_prompt_template(template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"fitness.prompt_template is not a valid format string ({exc}); use {{prompt}} placeholders and double braces for literal ones") from None
+    if any(f == "" or f.isdigit() for f in fields):
+        raise ConfigError("fitness.prompt_template: use named placeholders such as {prompt}, not {} or {0}")
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a prompt template refers to."""
+    return [f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that the location `loc` (excluding its last part) points into."""
+    cls: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        cls = _unwrap_model(field.annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _unwrap_model(arg)
+            if isinstance(found, type) and issubclass(found, BaseModel):
+                return found
+        return None
+    return annotation
+
+
+def _friendly(exc: ValidationError) -> str:
+    """One sentence for the first error: the dotted field, the problem and a fix."""
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    # Drop union-branch tags pydantic inserts, e.g. 'literal['model']' or 'LayerGroups'.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p and p[0].isupper() and p.isidentifier() and p not in _all_field_names()))
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = list(parent.model_fields) if parent else []
+        hint = _did_you_mean(loc[-1], allowed)
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"unknown key {field!r}{hint}; keys allowed in {where}: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{field} is required; add it to the config"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{field}: {msg} (got {err.get('input')!r})"
+
+
+def _all_field_names() -> set[str]:
+    names: set[str] = set()
+    for cls in (RunConfig, SourceSpec, LayerGroups, PSSpaceConfig, SpaceConfig, OptimizerConfig, DatasetSpec,
+                FitnessConfig, RuntimeConfig, PublishConfig, OutputConfig):
+        names.update(cls.model_fields)
+    return names
+
+
+def dump_run_config(config: RunConfig) -> str:
+    """The config as YAML (what a run stores as its frozen `config.yaml`)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
