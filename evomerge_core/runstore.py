@@ -141,6 +141,16 @@ class RunStore:
         """``True`` once the run's ``config.yaml`` has been written."""
         return self._backend.exists(CONFIG)
 
+    def clear(self) -> int:
+        """Delete every object of the run except ``lease.json`` (to start over with
+        ``--no-resume``); ``latest.json`` goes first so no reader sees a half-cleared run as
+        resumable. Returns the number of objects deleted."""
+        keys = [k for k in self._backend.list_recursive("") if k != LEASE]
+        keys.sort(key=lambda k: (k != LATEST, k != CONFIG, k))
+        for key in keys:
+            self._backend.delete(key)
+        return len(keys)
+
     # Envelope IO ----------------------------------------------------------------------------
     def _encode(self, payload: Any, key: str) -> bytes:
         try:

@@ -416,3 +416,17 @@ def test_ensure_same_config_explains_the_difference() -> None:
     with pytest.raises(ConfigError) as err:
         ensure_same_config(old, new, {"budget"})
     assert "optimizer.sigma0" in str(err.value) and "0.1 -> 0.2" in str(err.value)
+
+
+def test_clear_removes_everything_but_the_lease(tmp_path: Path) -> None:
+    store, other = RunStore(str(tmp_path), "r"), RunStore(str(tmp_path), "other")
+    store.acquire_lease("me", ttl_s=60)
+    store.write_config({"a": 1})
+    store.write_generation(0, {"g": 0})
+    store.write_latest({"generation": 0})
+    store.put_dir(_make_dir(tmp_path / "src"), "best")
+    other.write_config({"b": 2})
+    assert store.clear() == 6
+    assert not store.exists() and store.read_latest() is None and store.generations() == []
+    assert store.read_lease()["owner"] == "me"
+    assert other.read_config() == {"b": 2}

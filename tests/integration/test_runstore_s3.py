@@ -76,6 +76,11 @@ def test_full_run_layout_on_s3(s3_server, prefix, raw, tmp_path: Path) -> None:
         data = raw.cat_file(root + k)
         assert s3_server.secret.encode() not in data and s3_server.key.encode() not in data
 
+    reopened.acquire_lease("me", ttl_s=60)
+    assert reopened.clear() == len(keys)
+    assert [k[len(root):] for k in raw.find(root)] == ["lease.json"]
+    assert not reopened.exists() and reopened.read_latest() is None
+
 
 def test_credentials_from_environment(s3_server, prefix, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
