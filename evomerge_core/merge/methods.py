@@ -141,8 +141,8 @@ def get_method(name: str) -> MergeMethod:
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask keeping the `max(1, int(density * numel))` entries of largest |delta|.
 
-    density >= 1 keeps everything, density <= 0 keeps nothing. Uses exact top-k selection on
-    the smaller side (never a full sort).
+    density >= 1 keeps everything, density <= 0 keeps nothing. Exact count via selection
+    (`kthvalue`), never a full sort; ties at the threshold are taken lowest index first.
     """
     n = delta.numel()
     if density >= 1:
@@ -151,12 +151,11 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * n))
     flat = delta.detach().abs().reshape(-1)
-    if k <= n - k:
-        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        mask[torch.topk(flat, k, largest=True, sorted=False).indices] = True
-    else:
-        mask = torch.ones(n, dtype=torch.bool, device=delta.device)
-        mask[torch.topk(flat, n - k, largest=False, sorted=False).indices] = False
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest magnitude
+    mask = flat > threshold
+    need = k - int(mask.sum())
+    if need > 0:  # entries equal to the threshold fill up to exactly k, lowest index first
+        mask[(flat == threshold).nonzero().squeeze(1)[:need]] = True
     return mask.reshape(delta.shape)
 
 
