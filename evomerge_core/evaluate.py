@@ -57,6 +57,7 @@ class CandidateEvaluator:
             "fitness": None,
             "accuracy": None,
             "metrics": {},
+            "n_items": len(fitness.rows),
             "seconds": None,
             "error": None,
         }

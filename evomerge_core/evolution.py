@@ -1,0 +1,203 @@
+"""Bookkeeping of an evolve run in its run store (Prefect-free; the flow calls these).
+
+Layout under ``{storage}/{run_key}/`` (objects are the run store's checksummed envelopes):
+``config.yaml``, ``generations/{g:05d}.json`` (candidates + optimizer state after the
+generation's `tell`, i.e. ready to ask the next one), ``latest.json``, ``result.json``,
+``best/`` and ``report/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from evomerge_core.config import RunConfig
+from evomerge_core.errors import EvomergeError, UsageError
+from evomerge_core.optim import CMAES
+from evomerge_core.runstore import RunStore
+from evomerge_core.spaces import PSSpace
+
+RESULT = "result.json"
+
+
+def open_store(config: RunConfig) -> RunStore:
+    """The run store of a config (storage URL + effective run key)."""
+    return RunStore(config.storage, config.effective_run_key(), storage_options=config.storage_options or None)
+
+
+def stored_config(config: RunConfig) -> dict[str, Any]:
+    """The config as frozen in the run store (storage options, which may hold secrets, left out)."""
+    data = config.model_dump(mode="json", exclude={"storage_options"})
+    data["run_key"] = config.effective_run_key()
+    return data
+
+
+def prepare_run(config: RunConfig, *, resume: bool = True) -> RunStore:
+    """Check the run key is free (or `resume` is False) and write the frozen config.
+
+    A run key with a finished result is refused unless `resume` is False (start over); an
+    unfinished run is refused too, because resuming arrives in a later version.
+    """
+    store = check_run_free(config, resume=resume)
+    store.write_config(stored_config(config))
+    return store
+
+
+def check_run_free(config: RunConfig, *, resume: bool = True) -> RunStore:
+    """The run store, after checking the run key may be (re)used; UsageError otherwise."""
+    store = open_store(config)
+    if resume and store.exists():
+        if store.read_json(RESULT) is not None:
+            raise UsageError(
+                f"run {config.effective_run_key()!r} at {store.url()} has already finished; "
+                "pick another --run-key, or pass --no-resume to start over and overwrite it"
+            )
+        raise UsageError(
+            f"run {config.effective_run_key()!r} at {store.url()} exists but did not finish, and resuming is not "
+            "supported yet; pass --no-resume to start over, or pick another --run-key"
+        )
+    return store
+
+
+def make_optimizer(config: RunConfig, space: PSSpace) -> CMAES:
+    """The seeded, bounded CMA-ES of a run over its search space."""
+    opt = config.optimizer
+    return CMAES(space.x0, sigma0=opt.sigma0, lower=space.lower, upper=space.upper,
+                 popsize=opt.popsize, seed=opt.seed)
+
+
+def _ok(record: dict[str, Any]) -> bool:
+    return record.get("error") is None and record.get("fitness") is not None and math.isfinite(record["fitness"])
+
+
+def summarise_generation(generation: int, records: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Best / mean fitness of one generation (mean over candidates that did not fail)."""
+    good = [r for r in records if _ok(r)]
+    fits = [r["fitness"] for r in good]
+    accs = [r["accuracy"] for r in good if r.get("accuracy") is not None]
+    best = max(good, key=lambda r: r["fitness"], default=None)
+    return {
+        "generation": generation,
+        "best_fitness": best["fitness"] if best else None,
+        "best_index": best["index"] if best else None,
+        "mean_fitness": sum(fits) / len(fits) if fits else None,
+        "best_accuracy": max(accs) if accs else None,
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "failed": len(records) - len(good),
+        "candidates": len(records),
+        "seconds": round(seconds, 3),
+    }
+
+
+class BestTracker:
+    """The best successful candidate so far (first one wins ties)."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] | None = None
+
+    def update(self, records: Sequence[dict[str, Any]]) -> None:
+        """Consider a generation's records, in index order."""
+        for r in records:
+            if _ok(r) and (self.record is None or r["fitness"] > self.record["fitness"]):
+                self.record = r
+
+    def require(self, evaluated: int, first_error: str | None) -> dict[str, Any]:
+        """The best record; EvomergeError when every candidate failed."""
+        if self.record is None:
+            raise EvomergeError(f"all {evaluated} candidates failed, so there is no best model; first error: {first_error}")
+        return self.record
+
+
+def checkpoint(store: RunStore, generation: int, records: Sequence[dict[str, Any]], optimizer_state: dict[str, Any],
+               summary: dict[str, Any], best: dict[str, Any] | None, evaluations: int) -> None:
+    """Write the generation record, then `latest.json` (last, so it only names complete generations)."""
+    store.write_generation(generation, {
+        "generation": generation,
+        "summary": summary,
+        "candidates": list(records),
+        "optimizer_state": optimizer_state,
+    })
+    store.write_latest({
+        "generation": generation,
+        "evaluations": evaluations,
+        "best_fitness": best["fitness"] if best else None,
+        "best_genome": best["genome"] if best else None,
+        "best_recipe": best["recipe"] if best else None,
+        "best_generation": best["generation"] if best else None,
+        "best_index": best["index"] if best else None,
+        "written_at": time.time(),
+    })
+
+
+def build_result(config: RunConfig, space: PSSpace, best: dict[str, Any], history: Sequence[dict[str, Any]],
+                 summaries: Sequence[dict[str, Any]], test: dict[str, Any] | None, best_url: str | None) -> dict[str, Any]:
+    """The content of `result.json`."""
+    return {
+        "run_key": config.effective_run_key(),
+        "config_hash": config.config_hash(),
+        "best_fitness": best["fitness"],
+        "best_accuracy": best.get("accuracy"),
+        "best_genome": best["genome"],
+        "best_values": best.get("values"),
+        "best_recipe": best["recipe"],
+        "best_generation": best["generation"],
+        "best_index": best["index"],
+        "evaluations": len(history),
+        "space": space.summary(),
+        "generations": list(summaries),
+        "test": test,
+        "best_model": best_url,
+        "history": [
+            {"generation": r["generation"], "index": r["index"], "genome": r["genome"], "fitness": r["fitness"]}
+            for r in history
+        ],
+    }
+
+
+def progress_line(summary: dict[str, Any], total: int, best_so_far: float | None) -> str:
+    """One line per generation for the console."""
+    def fmt(v: float | None) -> str:
+        return "   n/a" if v is None else f"{v:.4f}"
+
+    failed = f"  failed {summary['failed']}" if summary["failed"] else ""
+    return (f"generation {summary['generation'] + 1}/{total}  best {fmt(summary['best_fitness'])}  "
+            f"mean {fmt(summary['mean_fitness'])}  best so far {fmt(best_so_far)}  {summary['seconds']:.1f}s{failed}")
+
+
+def resolve_run_sources(config: RunConfig) -> dict[str, Any]:
+    """Resolve every source to a local directory and check they can be merged.
+
+    Returns ``{"paths": {ref: dir}, "num_layers": int, "architecture": str}``.
+    """
+    from evomerge_core.sources import resolve_source, validate_sources
+
+    paths = {s.model: resolve_source(s.model) for s in config.sources}
+    info = validate_sources(paths, base=config.base)
+    return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
+            "architecture": info.architecture}
+
+
+def materialise(config: RunConfig, paths: dict[str, str], num_layers: int, genome: Sequence[float], store: RunStore) -> str:
+    """Merge the genome's recipe into a model dir with `recipe.yaml` and `mergekit.yaml`,
+    publish it as ``best/`` and return its URL. The dtype is `output.dtype`, else the
+    evaluation dtype, so the saved model reproduces the recorded fitness."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge_core.merge.engine import merge_to_dir
+    from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
+    from evomerge_core.spaces import build_space
+
+    space = build_space(config, num_layers=num_layers)
+    recipe = space.decode(genome)
+    with tempfile.TemporaryDirectory(prefix="evomerge-best-") as tmp:
+        out = merge_to_dir(recipe, {k: Path(v) for k, v in paths.items()}, Path(tmp) / "best",
+                           dtype=config.output.dtype or config.runtime.dtype, progress=False)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
+        (out / "mergekit.yaml").write_text(to_mergekit_yaml(recipe))
+        store.put_dir(out, "best")
+    return store.url("best")

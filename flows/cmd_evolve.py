@@ -1,0 +1,46 @@
+"""`evomerge evolve CONFIG.yaml [--run-key K] [--storage URL] [--no-resume]`: validate the
+config (before any model is loaded), then run the evolve flow locally against Prefect's
+ephemeral API (no server needed; set PREFECT_API_URL to use a server)."""
+
+from __future__ import annotations
+
+import argparse
+
+from evomerge_core.config import load_run_config, parse_run_config
+from evomerge_core.evolution import check_run_free
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `evomerge evolve`."""
+    parser.add_argument("config", help="run config YAML (see docs/evolve.md)")
+    parser.add_argument("--run-key", help="name of the run under the storage (default: config run_key, else a hash)")
+    parser.add_argument("--storage", help="storage URL (file://DIR or s3://bucket/prefix); overrides the config")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over even if the run key already holds a run (overwrites it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, preflight the fitness data, then run the flow."""
+    config = load_run_config(args.config)
+    overrides = {}
+    if args.run_key:
+        overrides["run_key"] = args.run_key
+    if args.storage:
+        overrides["storage"] = args.storage
+    if overrides:
+        config = parse_run_config({**config.model_dump(mode="json", exclude_unset=True), **overrides}, source=args.config)
+    preflight(config)
+    check_run_free(config, resume=not args.no_resume)
+    from evomerge.flows.evolve import evolve
+
+    evolve(config.model_dump(mode="json"), resume=not args.no_resume, run_key=config.effective_run_key())
+    return 0
+
+
+def preflight(config) -> None:
+    """Load the fitness items (train and test) so data problems surface before any model."""
+    from evomerge_core.fitness.evaluator import Fitness
+
+    Fitness(config.fitness, split="train")
+    if config.fitness.test is not None:
+        Fitness(config.fitness, split="test")

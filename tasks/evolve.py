@@ -1,0 +1,68 @@
+"""Prefect tasks of the evolve flow: thin wrappers around `evomerge_core`. Inputs and outputs
+are small JSON-able records (config dicts, paths, scores), never tensors or modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from evomerge_core import evolution
+from evomerge_core.config import RunConfig
+from evomerge_core.evaluate import get_evaluator
+from evomerge_core.report import write_report
+
+
+def _config(config: dict[str, Any]) -> RunConfig:
+    return RunConfig.model_validate(config)
+
+
+@task(name="resolve_sources", cache_policy=NO_CACHE)
+def resolve_sources(config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve and validate the sources: ``{paths, num_layers, architecture}``."""
+    return evolution.resolve_run_sources(_config(config))
+
+
+@task(name="merge_and_evaluate", task_run_name="eval-g{generation}-c{index}", cache_policy=NO_CACHE)
+def merge_and_evaluate(config: dict[str, Any], paths: dict[str, str], genome: list[float], generation: int,
+                       index: int) -> dict[str, Any]:
+    """Merge one candidate into this worker's resident model and score it (failures recorded)."""
+    return get_evaluator(_config(config), paths).evaluate(genome, generation=generation, index=index)
+
+
+@task(name="checkpoint", task_run_name="checkpoint-g{generation}", cache_policy=NO_CACHE)
+def checkpoint(config: dict[str, Any], generation: int, records: list[dict[str, Any]], optimizer_state: dict[str, Any],
+               summary: dict[str, Any], best: dict[str, Any] | None, evaluations: int) -> None:
+    """Write the generation record and `latest.json` to the run store."""
+    store = evolution.open_store(_config(config))
+    evolution.checkpoint(store, generation, records, optimizer_state, summary, best, evaluations)
+
+
+@task(name="evaluate_test", cache_policy=NO_CACHE)
+def evaluate_test(config: dict[str, Any], paths: dict[str, str], genome: list[float], generation: int,
+                  index: int) -> dict[str, Any]:
+    """Score a genome on the held-out test split (reporting only, never selection)."""
+    return get_evaluator(_config(config), paths).evaluate(genome, generation=generation, index=index, split="test")
+
+
+@task(name="materialise_best", cache_policy=NO_CACHE)
+def materialise_best(config: dict[str, Any], paths: dict[str, str], num_layers: int, genome: list[float]) -> str:
+    """Merge the best genome to `best/` (model dir + recipe.yaml + mergekit.yaml); returns its URL."""
+    cfg = _config(config)
+    return evolution.materialise(cfg, paths, num_layers, genome, evolution.open_store(cfg))
+
+
+@task(name="write_result", cache_policy=NO_CACHE)
+def write_result(config: dict[str, Any], result: dict[str, Any]) -> str:
+    """Write `result.json` and the report (`report/fitness.png`, `report/report.md`)."""
+    import tempfile
+    from pathlib import Path
+
+    cfg = _config(config)
+    store = evolution.open_store(cfg)
+    if cfg.output.report:
+        with tempfile.TemporaryDirectory(prefix="evomerge-report-") as tmp:
+            store.put_dir(write_report(Path(tmp) / "report", result, config), "report")
+    store.write_json(evolution.RESULT, result)
+    return store.url(evolution.RESULT)
