@@ -197,9 +197,13 @@ def merge_to_dir(
         bar.close()
         writer.close()
         _write_aux(recipe, plan, sources, tmp, out_dtype)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if out_dir.exists():  # swap: the old directory is only deleted once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
