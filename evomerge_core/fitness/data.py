@@ -26,6 +26,8 @@ def _local_builder(spec: DatasetSpec) -> tuple[str, Any] | None:
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ConfigError(f"dataset file {spec.path} has an unsupported type; use .jsonl, .json, .parquet or .csv")
+        if builder != "parquet" and not path.read_bytes()[:65536].strip():
+            raise ConfigError(f"fitness dataset file {spec.path} has no rows; point it at a non-empty file")
         return builder, str(path)
     if spec.path in ("json", "parquet", "csv"):
         return spec.path, files
@@ -39,6 +41,8 @@ def load_items(spec: DatasetSpec, *, where: str = "fitness.dataset", required: t
     import datasets
 
     local = _local_builder(spec)
+    bars_were_off = datasets.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()  # per-load bars are noise next to the per-generation line
     try:
         if local is not None:
             builder, files = local
@@ -50,6 +54,9 @@ def load_items(spec: DatasetSpec, *, where: str = "fitness.dataset", required: t
         raise
     except Exception as exc:  # datasets raises many types; name the dataset and the cause
         raise ConfigError(f"{where}: cannot load dataset {spec.path!r} (split {spec.split!r}): {type(exc).__name__}: {exc}") from None
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
     columns = list(ds.column_names)
     for target, source in spec.columns.items():
         if source not in columns:
