@@ -17,8 +17,9 @@ from decimal import Decimal, InvalidOperation
 
 SCRIPTS = ("latin", "japanese", "fullwidth")
 
-# A minus sign counts only when it does not follow a word character ("3-5" is 3 and 5).
-_NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# A minus sign counts only when it does not follow an ASCII letter, digit or '.': "3-5" is 3
+# and 5, while "は-5" (after Japanese text) is -5.
+_NUMBER_RE = re.compile(r"(?:(?<![0-9A-Za-z_.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
 
 def normalise_number_text(text: str) -> str:
