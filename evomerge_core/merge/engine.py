@@ -186,11 +186,13 @@ def merge_to_dir(
     try:
         bar = _progress(len(planned), progress)
         for item in planned:
-            tensors = {m: r.get(item.name).to(device) for m, r in readers.items()}
             if info.tensor_dtypes[item.name].is_floating_point:  # type: ignore[union-attr]
+                # Straight to float32 so the source-dtype copies are freed at once.
+                tensors = {m: r.get(item.name).to(device=device, dtype=torch.float32) for m, r in readers.items()}
                 merged = _merge_planned(plan, item.name, tensors, info.num_layers)
             else:  # integer buffers (rare) are taken from the reference model unchanged
-                merged = tensors[plan.reference]
+                tensors = {}
+                merged = readers[plan.reference].get(item.name)
             writer.write(item.name, merged.to(item.dtype).cpu())
             del tensors, merged
             bar.update(1)

@@ -189,13 +189,26 @@ def sparsify(
 ) -> torch.Tensor:
     """Sparsify a task vector by `magnitude` (TIES) or `random` (DARE) to `density`.
 
-    Returns `delta` itself when density >= 1 (nothing dropped, no rescale).
+    Returns `delta` itself when density >= 1 (nothing dropped, no rescale), else a new tensor.
     """
     if density >= 1:
         return delta
+    return _sparsify_(delta.clone(), density, how, rescale=rescale, generator=generator)
+
+
+def _sparsify_(delta: torch.Tensor, density: float, how: str, *, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """In-place `sparsify` on a tensor the caller owns (saves one full-size copy)."""
+    if density >= 1:
+        return delta
     mask = magnitude_mask(delta, density) if how == "magnitude" else bernoulli_mask(delta, density, generator)
-    masked = delta * mask
-    return rescale_l1(masked, delta) if rescale else masked
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(mask)
+    del mask
+    if before is not None:
+        after = delta.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:  # same rule as rescale_l1
+            delta.mul_(before / after)
+    return delta
 
 
 def _task_vector_merge(
@@ -208,7 +221,10 @@ def _task_vector_merge(
     sparsification: str | None,
     consensus: bool,
 ) -> torch.Tensor:
-    """The task-vector family: sparsify (model - base), weight, elect signs, normalize, lambda."""
+    """The task-vector family: sparsify (model - base), weight, elect signs, normalize, lambda.
+
+    Works in place on its own intermediate tensors so memory stays near (models + 2) copies.
+    """
     if not tensors:
         return base.clone()
     weighted: list[torch.Tensor] = []
@@ -216,34 +232,37 @@ def _task_vector_merge(
     for tensor, mp, gen in zip(tensors, model_params, generators):
         delta = tensor - base
         if sparsification is not None:
-            delta = sparsify(delta, float(mp["density"]), sparsification, rescale=bool(params["rescale"]), generator=gen)
+            _sparsify_(delta, float(mp["density"]), sparsification, rescale=bool(params["rescale"]), generator=gen)
         weight = float(mp["weight"])
-        weighted.append(delta * weight)
+        weighted.append(delta.mul_(weight))
         weights.append(weight)
         del delta
+    mixed = weighted[0].clone()
+    for delta in weighted[1:]:
+        mixed.add_(delta)
     if consensus:
         # TIES sign election ("sum"): the sign of the summed weighted deltas, >= 0 counts as +.
-        total = torch.stack(weighted).sum(dim=0) if len(weighted) > 1 else weighted[0].clone()
-        majority = torch.where(total >= 0, 1.0, -1.0)
-        del total
-        mixed = torch.zeros_like(base)
+        positive = mixed >= 0
+        mixed.zero_()
         divisor = torch.zeros_like(base)
         for delta, weight in zip(weighted, weights):
-            keep = torch.sign(delta) == majority
-            mixed += torch.where(keep, delta, 0.0)
-            divisor += keep * weight
+            keep = torch.where(positive, delta > 0, delta < 0)  # zeros never agree
+            mixed.add_(delta.mul_(keep))
+            divisor.add_(keep, alpha=weight)
+            del keep
+        del positive
         divisor[divisor == 0] = 1.0
     else:
-        mixed = torch.stack(weighted).sum(dim=0) if len(weighted) > 1 else weighted[0].clone()
         wsum = sum(weights)
-        divisor = torch.tensor(1.0 if abs(wsum) < 1e-8 else wsum, dtype=base.dtype)
+        divisor = torch.tensor(1.0 if abs(wsum) < 1e-8 else wsum, dtype=base.dtype, device=base.device)
     del weighted
     if params["normalize"]:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
+    del divisor
     lam = float(params["lambda"])
     if lam != 1:
-        mixed = mixed * lam
-    return base + mixed
+        mixed.mul_(lam)
+    return mixed.add_(base)
 
 
 # --------------------------------------------------------------------------- methods
