@@ -1,0 +1,250 @@
+"""Run a DFS layer path dynamically over two resident models, without copying weights.
+
+`DataflowModel(model_a, model_b).set_recipe(recipe)` is a causal LM with the Hugging Face
+forward signature (``input_ids, attention_mask, position_ids, cache, use_cache,
+inputs_embeds, logits_to_keep``) returning ``CausalLMOutputWithPast``, so
+`generation.greedy_generate` and `answer_logprobs` score it like any model.
+
+Semantics (docs/dfs.md): with hop k's decoder layer written as
+``x -> x + attn_k(x) + mlp_k(x + attn_k(x))``, hop k's input scale ``s_k`` multiplies the
+previous hop's MLP output ``m_{k-1}`` (the embeddings for k = 0) before it joins the residual
+stream, and stays scaled there for every later hop. In vLLM's layout (``residual += h``) that
+is ``h * s_k`` on the layer's input, as in the paper's released model. Here it is done with a
+forward hook on the layer's output projection (`DecoderFamily.output_module`), which is the
+very tensor that `dataflow_export` scales, so both give the same model by construction.
+
+KV cache: every hop gets its own cache slot (hop index), so a layer used twice on the path
+keeps two separate caches; the cache and the masks are built from `path_config`, A's config
+with ``num_hidden_layers`` = hops, i.e. the config of the materialised model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evomerge_core.errors import SourceError
+from evomerge_core.spaces.dfs import DFSRecipe
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """Where things live in a decoder-only causal LM family (transformers names)."""
+
+    model_type: str
+    layers_prefix: str = "model.layers."
+    embed_tensor: str = "model.embed_tokens.weight"
+    head_tensor: str = "lm_head.weight"
+    # The module (inside a decoder layer) whose output is the layer's last write into the
+    # residual stream; scaling its weight and bias scales exactly that write.
+    output_module: str = "mlp.down_proj"
+
+    @property
+    def output_tensors(self) -> tuple[str, str]:
+        """Tensor suffixes (inside a layer) that a scale is folded into."""
+        return (f"{self.output_module}.weight", f"{self.output_module}.bias")
+
+
+# Pre-norm decoders whose layer is `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+FAMILIES: dict[str, DecoderFamily] = {t: DecoderFamily(t) for t in ("llama", "mistral", "qwen2", "qwen3")}
+
+# Config keys that must agree between A and B: they fix a layer's shapes and its arithmetic
+# (the exported model runs B's layers under A's config). hidden_size first: the commonest clash.
+_PAIR_KEYS = (
+    "hidden_size",
+    "model_type",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "mlp_bias",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "sliding_window",
+)
+
+
+def family_of(config: Mapping[str, Any], name: str = "model") -> DecoderFamily:
+    """The decoder family of a config.json dict; SourceError for unsupported architectures."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        arch = (config.get("architectures") or [model_type])[0]
+        raise SourceError(
+            f"{name} is a {arch} (model_type {model_type!r}); DFS merging needs a decoder-only causal LM "
+            f"with model.layers.N naming ({', '.join(sorted(FAMILIES))}), choose such a model"
+        )
+    if not isinstance(config.get("num_hidden_layers"), int):
+        raise SourceError(f"{name} has no num_hidden_layers in its config.json; it is not a decoder model DFS can use")
+    return FAMILIES[model_type]
+
+
+def check_pair(config_a: Mapping[str, Any], config_b: Mapping[str, Any], *, name_a: str = "model A", name_b: str = "model B") -> DecoderFamily:
+    """Check that B's layers can run inside A's model (same family and layer shapes)."""
+    family = family_of(config_a, name_a)
+    family_of(config_b, name_b)
+    for key in _PAIR_KEYS:
+        va, vb = config_a.get(key), config_b.get(key)
+        if va != vb:
+            raise SourceError(
+                f"{name_a} has {key}={va!r} but {name_b} has {key}={vb!r}; DFS can only combine layers of models "
+                "with the same layer shapes (use two fine-tunes of one base model)"
+            )
+    return family
+
+
+class _HopCache:
+    """A view of a cache that stores every update in one fixed slot (the hop index), so the
+    same layer used by two hops keeps two caches."""
+
+    def __init__(self, cache: Any, slot: int) -> None:
+        self._cache = cache
+        self._slot = slot
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        return self._cache.update(key_states, value_states, self._slot, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+def _layer_types(config: Any, n: int) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * n
+
+
+class DataflowModel(nn.Module):
+    """A's embeddings, final norm and head around a path of A's and B's decoder layers.
+
+    Not re-entrant: one forward at a time (the per-hop scale is held on the module while a
+    layer runs). Call `set_recipe` before the first forward and whenever the path changes.
+    """
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module) -> None:
+        super().__init__()
+        cfg_a, cfg_b = model_a.config, model_b.config
+        self.family = check_pair(cfg_a.to_dict(), cfg_b.to_dict())
+        self.config = cfg_a
+        base_a = model_a.model
+        self.embed_tokens = base_a.embed_tokens
+        self.norm = base_a.norm
+        self.rotary_emb = base_a.rotary_emb
+        self.lm_head = model_a.lm_head
+        self.layers_a = base_a.layers
+        self.layers_b = model_b.model.layers
+        self._types = {"a": _layer_types(cfg_a, len(self.layers_a)), "b": _layer_types(cfg_b, len(self.layers_b))}
+        self._out_scale: float | None = None
+        self._hooks = []
+        for layer in list(self.layers_a) + list(self.layers_b):
+            module = layer.get_submodule(self.family.output_module)
+            self._hooks.append(module.register_forward_hook(self._scale_output))
+        self.recipe: DFSRecipe | None = None
+        self.path_config: Any = None
+        self._hops: list[tuple[nn.Module, float, str]] = []
+
+    @classmethod
+    def from_pretrained(cls, path_a: str | Path, path_b: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DataflowModel:
+        """Load A and B from local model dirs (B's embeddings and head are not kept)."""
+        from transformers import AutoModelForCausalLM
+
+        from evomerge_core.io import read_config
+
+        check_pair(read_config(Path(path_a)), read_config(Path(path_b)), name_a=str(path_a), name_b=str(path_b))
+        model_a = AutoModelForCausalLM.from_pretrained(path_a, dtype=dtype)
+        model_b = AutoModelForCausalLM.from_pretrained(path_b, dtype=dtype)
+        return cls(model_a, model_b).to(device).eval()
+
+    def _scale_output(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self._out_scale is None:
+            return None
+        return output * self._out_scale
+
+    def remove_hooks(self) -> None:
+        """Detach the scaling hooks from A's and B's layers (the models run unchanged again)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def set_recipe(self, recipe: DFSRecipe) -> DataflowModel:
+        """Use `recipe`'s path from now on; returns self."""
+        recipe.check_layers(len(self.layers_a), len(self.layers_b))
+        layers = {"a": self.layers_a, "b": self.layers_b}
+        self._hops = [(layers[h.model][h.layer], float(h.scale), self._types[h.model][h.layer]) for h in recipe.path]
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers = len(recipe.path)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [t for _, _, t in self._hops]
+        self.path_config = config
+        self.recipe = recipe
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ):
+        """Run the path; same arguments and output type as `LlamaForCausalLM.forward`."""
+        from transformers.cache_utils import DynamicCache
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if self.recipe is None:
+            raise RuntimeError("DataflowModel has no path yet; call set_recipe(recipe) first")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.path_config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        mask_args = dict(config=self.path_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        masks: dict[str, Any] = {}
+        for kind in {t for _, _, t in self._hops}:
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(**mask_args)
+        first_scale = self._hops[0][1]
+        hidden = inputs_embeds * first_scale if first_scale != 1.0 else inputs_embeds
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        try:
+            for k, (layer, _, kind) in enumerate(self._hops):
+                nxt = self._hops[k + 1][1] if k + 1 < len(self._hops) else 1.0
+                self._out_scale = nxt if nxt != 1.0 else None
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[kind],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    cache=_HopCache(cache, k) if cache is not None else None,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
+        finally:
+            self._out_scale = None
+        hidden = self.norm(hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:, :]
+        logits = self.lm_head(hidden)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
