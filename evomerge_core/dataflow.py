@@ -9,9 +9,11 @@ Semantics (docs/dfs.md): with hop k's decoder layer written as
 ``x -> x + attn_k(x) + mlp_k(x + attn_k(x))``, hop k's input scale ``s_k`` multiplies the
 previous hop's MLP output ``m_{k-1}`` (the embeddings for k = 0) before it joins the residual
 stream, and stays scaled there for every later hop. In vLLM's layout (``residual += h``) that
-is ``h * s_k`` on the layer's input, as in the paper's released model. Here it is done with a
-forward hook on the layer's output projection (`DecoderFamily.output_module`), which is the
-very tensor that `dataflow_export` scales, so both give the same model by construction.
+is ``h * s_k`` on the layer's input, as in the paper's released model. Here hop k-1 runs with
+its output projection (`DecoderFamily.output_module`, ``mlp.down_proj``) scaled by ``s_k``
+for that call only (`torch.func.functional_call`, the shared weights are never modified),
+computed by `scale_tensor` exactly as `dataflow_export` folds it, so the dynamic path and the
+materialised model compute the same thing by construction.
 
 KV cache: every hop gets its own cache slot (hop index), so a layer used twice on the path
 keeps two separate caches; the cache and the masks are built from `path_config`, A's config
@@ -102,6 +104,12 @@ def check_pair(config_a: Mapping[str, Any], config_b: Mapping[str, Any], *, name
     return family
 
 
+def scale_tensor(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """`tensor * scale` computed in float32 and rounded back to the tensor's dtype; the
+    export folds scales with this same function, so both paths see identical weights."""
+    return (tensor.to(torch.float32) * scale).to(tensor.dtype)
+
+
 class _HopCache:
     """A view of a cache that stores every update in one fixed slot (the hop index), so the
     same layer used by two hops keeps two caches."""
@@ -128,8 +136,8 @@ def _layer_types(config: Any, n: int) -> list[str]:
 class DataflowModel(nn.Module):
     """A's embeddings, final norm and head around a path of A's and B's decoder layers.
 
-    Not re-entrant: one forward at a time (the per-hop scale is held on the module while a
-    layer runs). Call `set_recipe` before the first forward and whenever the path changes.
+    Not re-entrant: one forward at a time (a scaled hop swaps its output projection in for
+    the duration of its call). Call `set_recipe` before the first forward and whenever the path changes.
     """
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module) -> None:
@@ -145,11 +153,6 @@ class DataflowModel(nn.Module):
         self.layers_a = base_a.layers
         self.layers_b = model_b.model.layers
         self._types = {"a": _layer_types(cfg_a, len(self.layers_a)), "b": _layer_types(cfg_b, len(self.layers_b))}
-        self._out_scale: float | None = None
-        self._hooks = []
-        for layer in list(self.layers_a) + list(self.layers_b):
-            module = layer.get_submodule(self.family.output_module)
-            self._hooks.append(module.register_forward_hook(self._scale_output))
         self.recipe: DFSRecipe | None = None
         self.path_config: Any = None
         self._hops: list[tuple[nn.Module, float, str]] = []
@@ -166,16 +169,14 @@ class DataflowModel(nn.Module):
         model_b = AutoModelForCausalLM.from_pretrained(path_b, dtype=dtype)
         return cls(model_a, model_b).to(device).eval()
 
-    def _scale_output(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-        if self._out_scale is None:
-            return None
-        return output * self._out_scale
-
-    def remove_hooks(self) -> None:
-        """Detach the scaling hooks from A's and B's layers (the models run unchanged again)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+    def _scaled_output(self, layer: nn.Module, scale: float) -> dict[str, torch.Tensor]:
+        """Replacement output-projection tensors of `layer`, scaled as the export scales them."""
+        name = self.family.output_module
+        module = layer.get_submodule(name)
+        out = {f"{name}.weight": scale_tensor(module.weight, scale)}
+        if getattr(module, "bias", None) is not None:
+            out[f"{name}.bias"] = scale_tensor(module.bias, scale)
+        return out
 
     def set_recipe(self, recipe: DFSRecipe) -> DataflowModel:
         """Use `recipe`'s path from now on; returns self."""
@@ -226,23 +227,23 @@ class DataflowModel(nn.Module):
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             masks[kind] = make(**mask_args)
         first_scale = self._hops[0][1]
-        hidden = inputs_embeds * first_scale if first_scale != 1.0 else inputs_embeds
+        hidden = scale_tensor(inputs_embeds, first_scale) if first_scale != 1.0 else inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        try:
-            for k, (layer, _, kind) in enumerate(self._hops):
-                nxt = self._hops[k + 1][1] if k + 1 < len(self._hops) else 1.0
-                self._out_scale = nxt if nxt != 1.0 else None
-                hidden = layer(
-                    hidden,
-                    attention_mask=masks[kind],
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    cache=_HopCache(cache, k) if cache is not None else None,
-                    use_cache=use_cache,
-                    **kwargs,
-                )
-        finally:
-            self._out_scale = None
+        for k, (layer, _, kind) in enumerate(self._hops):
+            layer_kwargs = dict(
+                attention_mask=masks[kind],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=_HopCache(cache, k) if cache is not None else None,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            nxt = self._hops[k + 1][1] if k + 1 < len(self._hops) else 1.0
+            if nxt == 1.0:
+                hidden = layer(hidden, **layer_kwargs)
+            else:
+                # Run the layer with its output projection scaled for this call only.
+                hidden = torch.func.functional_call(layer, self._scaled_output(layer, nxt), (hidden,), layer_kwargs)
         hidden = self.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:, :]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge_core.dataflow import DecoderFamily, check_pair
+from evomerge_core.dataflow import DecoderFamily, check_pair, scale_tensor
 from evomerge_core.errors import MergeError, SourceError
 from evomerge_core.io import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config
 from evomerge_core.spaces.dfs import DFSRecipe
@@ -87,10 +87,10 @@ def materialise_dfs(
     try:
         for item in plan:
             reader, src_name, scale = sources_of[item.name]
-            tensor = reader.get(src_name)
+            tensor = reader.get(src_name).to(item.dtype)
             if scale != 1.0:
-                tensor = tensor.to(torch.float32) * scale
-            writer.write(item.name, tensor.to(item.dtype))
+                tensor = scale_tensor(tensor, scale)
+            writer.write(item.name, tensor)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_files(dir_a, tmp, ["generation_config.json"])
