@@ -23,6 +23,7 @@ with ``num_hidden_layers`` = hops, i.e. the config of the materialised model.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,7 @@ class DataflowModel(nn.Module):
         self._types = {"a": _layer_types(cfg_a, len(self.layers_a)), "b": _layer_types(cfg_b, len(self.layers_b))}
         self.recipe: DFSRecipe | None = None
         self.path_config: Any = None
+        self.lock = threading.RLock()  # held by callers from set_recipe until scoring is done
         self._hops: list[tuple[nn.Module, float, str]] = []
 
     @classmethod
@@ -249,3 +251,26 @@ class DataflowModel(nn.Module):
             hidden = hidden[:, -logits_to_keep:, :]
         logits = self.lm_head(hidden)
         return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+
+# One dataflow model per process (like `resident.get_resident`): a new key evicts the old one.
+_CACHE: dict[tuple[str, str, str, str], DataflowModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_dataflow_model(path_a: str | Path, path_b: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DataflowModel:
+    """The process-wide `DataflowModel` for these source dirs and settings (loaded on first use)."""
+    key = (str(Path(path_a).resolve()), str(Path(path_b).resolve()), str(dtype), str(device))
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is None:
+            _CACHE.clear()
+            found = DataflowModel.from_pretrained(path_a, path_b, dtype=dtype, device=device)
+            _CACHE[key] = found
+        return found
+
+
+def clear_dataflow_cache() -> None:
+    """Drop the cached dataflow model (frees its memory)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()

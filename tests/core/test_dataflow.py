@@ -266,3 +266,27 @@ def test_bad_inputs(pair, tmp_path):
     assert (busy / "keep.txt").read_text() == "x"
     with pytest.raises(RuntimeError, match="set_recipe"):
         DataflowModel.from_pretrained(*pair)(input_ids=torch.tensor([[5, 6]]))
+
+
+def test_bfloat16_dynamic_path_matches_bfloat16_export(pair, batch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = random_recipe(random.Random(21))
+    out = materialise_dfs(recipe, {"A": pair[0], "B": pair[1]}, tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    dyn = DataflowModel.from_pretrained(*pair, dtype=torch.bfloat16).set_recipe(recipe)
+    # Both sides fold scales with the same float32-then-round step, so they run on identical
+    # bf16 weights; a different rounding would show up as a bf16 ulp (~0.03 at |logit| ~ 4).
+    diff = (logits(model, batch).float() - logits(dyn, batch).float()).abs().max()
+    assert diff <= 1e-3
+
+
+def test_get_dataflow_model_caches_per_process(pair):
+    from evomerge_core.dataflow import clear_dataflow_cache, get_dataflow_model
+
+    first = get_dataflow_model(*pair)
+    assert get_dataflow_model(*pair) is first
+    clear_dataflow_cache()
+    assert get_dataflow_model(*pair) is not first
+    clear_dataflow_cache()

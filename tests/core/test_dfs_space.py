@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import make_tiny_llama  # noqa: E402
-
-from evomerge_core.errors import ConfigError, SourceError  # noqa: E402
-from evomerge_core.spaces.dfs import DFSHop, DFSRecipe, DFSSpace, DFSSpaceConfig  # noqa: E402
+from evomerge_core.errors import ConfigError, SourceError
+from evomerge_core.spaces.dfs import DFSHop, DFSRecipe, DFSSpace, DFSSpaceConfig
 
 LA, LB = 3, 2  # M = 5
 
@@ -145,10 +141,20 @@ def test_model_a_needs_two_layers():
         DFSSpace(DFSSpaceConfig(model_a="A", model_b="B"), layers_a=1, layers_b=3)
 
 
+def _config_dir(path: Path, **overrides) -> Path:
+    """A model dir holding only config.json (all `from_sources` reads)."""
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3, "rms_norm_eps": 1e-6}
+    cfg.update(overrides)
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 def test_from_sources_reads_depths_and_checks_pair(tmp_path):
-    a = make_tiny_llama(tmp_path / "a", 1, layers=3, tokenizer=False)
-    b = make_tiny_llama(tmp_path / "b", 2, layers=2, tokenizer=False)
-    wide = make_tiny_llama(tmp_path / "wide", 3, layers=2, hidden=48, tokenizer=False)
+    a = _config_dir(tmp_path / "a")
+    b = _config_dir(tmp_path / "b", num_hidden_layers=2)
+    wide = _config_dir(tmp_path / "wide", hidden_size=48)
     sp = DFSSpace.from_sources(DFSSpaceConfig(model_a="A", model_b="B"), {"A": a, "B": b})
     assert (sp.layers_a, sp.layers_b, sp.T) == (3, 2, 15)
     with pytest.raises(SourceError, match="hidden_size"):
