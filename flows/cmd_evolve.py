@@ -5,6 +5,7 @@ ephemeral API (no server needed; set PREFECT_API_URL to use a server)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from evomerge_core.config import load_run_config, parse_run_config
 from evomerge_core.evolution import check_run_free
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         config = parse_run_config({**config.model_dump(mode="json", exclude_unset=True), **overrides}, source=args.config)
     preflight(config)
     check_run_free(config, resume=not args.no_resume)
+    # Prefect's temporary API server gets 20 s to start by default; busy machines need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from evomerge.flows.evolve import evolve
 
     evolve(config.model_dump(mode="json"), resume=not args.no_resume, run_key=config.effective_run_key())

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,25 +15,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny_models)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/flows (user scorers)
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Set before Prefect is first imported (it reads PREFECT_HOME when its settings load).
+_OLD_ENV = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+_PREFECT_HOME = tempfile.mkdtemp(prefix="evomerge-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness(tmp_path_factory):
+def prefect_harness():
     """Session-scoped Prefect API for every flow test (PREFECT_HOME in a temp dir)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-    for key, value in old.items():
+    for key, value in _OLD_ENV.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
