@@ -10,6 +10,7 @@ readings. Row kinds (prompt -> answer):
 | `cross`       | ``１２＋３４＝``              | ``４６`` | the skill posed and answered in JA      |
 | `en_read`     | ``forty two:``            | ``42`` | EN reading (pretraining only)           |
 | `translit`    | ``42>``                   | ``４２`` | EN digits -> JA digits (pretraining only) |
+| `cross_small` | ``３＋４＝``                  | ``７``  | `cross` with a one-digit first operand (pretraining only) |
 
 Every operand pair and every number is assigned once to train, validation or test (a seeded
 partition), and models are trained on train items only, so no test item is ever seen.
@@ -127,21 +128,26 @@ class World:
 
     pairs: Partition  # (a, b) operand pairs for `skill` and `cross`
     numbers: Partition  # numbers for `lang`, `en_read`, `translit`
+    small_pairs: Partition  # the pairs with a single-digit `a` (for `cross_small`)
 
 
 def make_world(max_a: int, max_b: int, max_number: int, n_val: int, n_test: int, seed: int) -> World:
     """Partition operand pairs (0..max_a) x (0..max_b) and numbers 0..max_number, seeded."""
     pairs = [(a, b) for a in range(max_a + 1) for b in range(max_b + 1)]
     numbers = list(range(max_number + 1))
+    part = _partition(pairs, n_val, n_test, random.Random(f"pairs-{seed}"))
+    small = Partition(*(tuple(p for p in part.split(s) if p[0] < 10) for s in SPLITS))
     return World(
-        pairs=_partition(pairs, n_val, n_test, random.Random(f"pairs-{seed}")),
+        pairs=part,
         numbers=_partition(numbers, n_val, n_test, random.Random(f"numbers-{seed}")),
+        small_pairs=small,
     )
 
 
 ROW_MAKERS = {
     "skill": ("pairs", lambda item: skill_row(*item)),
     "cross": ("pairs", lambda item: cross_row(*item)),
+    "cross_small": ("small_pairs", lambda item: cross_row(*item)),
     "lang": ("numbers", lang_row),
     "en_read": ("numbers", en_read_row),
     "translit": ("numbers", translit_row),
