@@ -179,19 +179,19 @@ def _heldout(inputs: CardInputs, pipeline_tag: str) -> tuple[list[dict[str, str]
     scorer = (inputs.run_config or {}).get("fitness", {}).get("scorer", "fitness")
     metrics: list[tuple[str, str, float]] = []
     if test.get("accuracy") is not None:
-        metrics.append(("accuracy", "accuracy", float(test["accuracy"])))
+        metrics.append(("accuracy", "accuracy (held out)", float(test["accuracy"])))
     fit = test.get("fitness")
     if fit is not None and math.isfinite(fit) and (test.get("accuracy") is None or fit != test.get("accuracy")):
-        metrics.append((str(scorer), f"fitness ({scorer})", float(fit)))
+        metrics.append((str(scorer), f"{scorer} (held out)", float(fit)))
     rows, results = [], []
     for metric_type, metric_name, value in metrics:
         rows.append({"dataset": spec.get("path"), "split": spec.get("split", "test"), "metric": metric_name,
-                     "value": _fmt(value), "items": _fmt(test.get("n_items"))})
+                     "value": _fmt(value), "count": _fmt(test.get("n_items"))})
         results.append(EvalResult(
             task_type=pipeline_tag, dataset_type=str(spec.get("path")), dataset_name=str(spec.get("path")),
             dataset_config=spec.get("name"), dataset_split=spec.get("split", "test"),
             dataset_revision=spec.get("revision"), metric_type=metric_type, metric_name=metric_name,
-            metric_value=round(value, 6), source_name="evomerge held-out evaluation (not used for selection)"))
+            metric_value=round(value, 6)))
     return rows, results
 
 
