@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from evomerge_core.errors import ConfigError, UsageError
 from evomerge_core.merge.recipe import ParamValue
+from evomerge_core.spaces.dfs import DFSSpaceConfig
 
 DEFAULT_STORAGE = "file://./runs"
 DEFAULT_EVALUATIONS = 1000  # the paper's PS budget (Optuna CMA-ES, 1000 trials)
@@ -90,9 +91,32 @@ class PSSpaceConfig(_Strict):
 
 
 class SpaceConfig(_Strict):
-    """The search space (only ``ps`` for now)."""
+    """The search space: exactly one of ``ps`` (parameter space, the default) or ``dfs``
+    (data-flow space over two models A and B, see docs/dfs.md)."""
 
-    ps: PSSpaceConfig = Field(default_factory=PSSpaceConfig)
+    ps: PSSpaceConfig | None = None
+    dfs: DFSSpaceConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_space(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("ps") is not None and value.get("dfs") is not None:
+                raise ValueError("set either ps or dfs, not both (chain them with stages: instead)")
+            if value.get("ps") is None and value.get("dfs") is None:
+                value = {**value, "ps": {}}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _drop_unused(self, handler: Any) -> Any:
+        # Only the space in use is written, so a PS config dumps (and hashes) as before DFS existed.
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @property
+    def kind(self) -> Literal["ps", "dfs"]:
+        """Which space is in use."""
+        return "dfs" if self.dfs is not None else "ps"
 
 
 class OptimizerConfig(_Strict):
@@ -133,6 +157,14 @@ class FitnessConfig(_Strict):
     dataset: DatasetSpec | None = None
     # Held-out split, reported for the best model only, never used for selection.
     test: DatasetSpec | None = None
+    # Score each generation on a random subset of this many training items (the same subset
+    # for every candidate of a generation; drawn from (optimizer.seed, generation)).
+    minibatch: int | None = Field(default=None, ge=1)
+    # Validation split: each generation's best candidate is scored on it.
+    validation: DatasetSpec | None = None
+    # How the run's best model is chosen: the highest training fitness ("train") or the
+    # generation best with the highest validation fitness ("validation", the paper's DFS protocol).
+    selection: Literal["train", "validation"] = "train"
     scorer: str = "math_accuracy"
     options: dict[str, Any] = Field(default_factory=dict)
     # Reported accuracy: "auto" (the fitness itself for accuracy scorers, else exact_match),
@@ -171,6 +203,32 @@ class OutputConfig(_Strict):
     publish: PublishConfig = Field(default_factory=PublishConfig)
 
 
+class StageConfig(_Strict):
+    """One stage of a chained run (``stages:``): its own search space, and optionally its
+    own sources, optimizer and fitness overrides; everything else comes from the top level.
+
+    In a DFS stage, ``model_a``/``model_b`` may be ``"@NAME"`` or ``"@INDEX"``: the best model
+    of an earlier stage. Sections are kept raw here and validated per stage (see
+    `RunConfig.stage_config`), so errors name the stage.
+    """
+
+    name: str | None = None
+    space: dict[str, Any]
+    sources: list[dict[str, Any]] | None = None
+    optimizer: dict[str, Any] | None = None  # replaces the top-level optimizer section
+    fitness: dict[str, Any] | None = None  # keys override the top-level fitness keys
+
+    @field_validator("name")
+    @classmethod
+    def _name_safe(cls, value: str | None) -> str | None:
+        if value is not None and (not value or not set(value) <= set(string.ascii_letters + string.digits + "-_") or value.isdigit()):
+            raise ValueError("use letters, digits, '-' and '_' (not only digits)")
+        return value
+
+
+STAGE_REF = "@"
+
+
 class RunConfig(_Strict):
     """A complete evolutionary-merge run."""
 
@@ -183,6 +241,22 @@ class RunConfig(_Strict):
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # A chained run (e.g. PS then DFS); each stage is a sub-run under {run}/stages/{i}/.
+    stages: list[StageConfig] | None = Field(default=None, min_length=2)
+
+    @model_validator(mode="after")
+    def _stages_own_the_space(self) -> RunConfig:
+        if self.stages is not None and "space" in self.model_fields_set:
+            raise ValueError("a chained run sets the space of each stage under stages:, not a top-level space:")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_no_stages(self, handler: Any) -> Any:
+        # Single-stage configs dump (and hash) exactly as before stages existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("stages") is None:
+            data.pop("stages", None)
+        return data
 
     @field_validator("run_key")
     @classmethod
@@ -215,6 +289,80 @@ class RunConfig(_Strict):
         evals = self.optimizer.evaluations or DEFAULT_EVALUATIONS
         return -(-evals // popsize)
 
+    # ------------------------------------------------------------------ chained runs
+
+    def stage_name(self, index: int) -> str:
+        """A stage's name: its `name`, else its index."""
+        assert self.stages is not None
+        return self.stages[index].name or str(index)
+
+    def stage_index(self, ref: str, *, before: int) -> int:
+        """The index of the stage an ``@NAME``/``@INDEX`` reference names (must precede `before`)."""
+        assert self.stages is not None
+        key = ref[len(STAGE_REF):]
+        names = {self.stage_name(i): i for i in range(len(self.stages))}
+        found = names.get(key, int(key) if key.isdigit() and int(key) < len(self.stages) else None)
+        if found is None:
+            raise ConfigError(f"{ref!r} names no stage; use @INDEX or @NAME of an earlier stage (stages: {list(names)})")
+        if found >= before:
+            raise ConfigError(f"{ref!r} names stage {found}, which does not run before stage {before}; refer to an earlier stage")
+        return found
+
+    def stage_config(self, index: int, best_models: dict[int, str] | None = None) -> RunConfig:
+        """Stage `index` as a single-stage run config stored under ``{run}/stages/{index}/``.
+
+        ``@`` references are replaced by ``best_models[stage]`` (URLs of earlier stages' best
+        models) when given, else left in place (for validation before anything runs).
+        Raises ConfigError naming the stage.
+        """
+        assert self.stages is not None
+        stage = self.stages[index]
+        where = f"stages[{index}]"
+        data = self.model_dump(mode="json", exclude={"stages", "space", "run_key", "storage"})
+        data["run_key"] = str(index)
+        data["storage"] = f"{self.storage.rstrip('/')}/{self.effective_run_key()}/stages"
+        space = _deep_copy(stage.space)
+        dfs = space.get("dfs") if isinstance(space, dict) else None
+        if isinstance(dfs, dict):
+            for field in ("model_a", "model_b"):
+                ref = dfs.get(field)
+                if isinstance(ref, str) and ref.startswith(STAGE_REF):
+                    try:
+                        earlier = self.stage_index(ref, before=index)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{where}.space.dfs.{field}: {exc}") from None
+                    if best_models is not None:
+                        dfs[field] = best_models[earlier]
+        data["space"] = space
+        if stage.sources is not None:
+            data["sources"] = stage.sources
+        elif isinstance(dfs, dict):
+            data["sources"] = [{"model": dfs.get(f)} for f in ("model_a", "model_b") if dfs.get(f) is not None]
+        if stage.optimizer is not None:
+            data["optimizer"] = stage.optimizer
+        if stage.fitness is not None:
+            data["fitness"] = {**data["fitness"], **stage.fitness}
+        if index < len(self.stages) - 1:
+            # The next stage reads this stage's best model, so it must be written.
+            data["output"] = {**data["output"], "materialise_best": True}
+        return parse_run_config(data, source=where)
+
+    def stage_refs(self, index: int) -> dict[str, int]:
+        """``{field: earlier stage index}`` for the ``@`` references of stage `index`."""
+        assert self.stages is not None
+        dfs = self.stages[index].space.get("dfs")
+        out: dict[str, int] = {}
+        if isinstance(dfs, dict):
+            for field in ("model_a", "model_b"):
+                ref = dfs.get(field)
+                if isinstance(ref, str) and ref.startswith(STAGE_REF):
+                    out[field] = self.stage_index(ref, before=index)
+        return out
+
+
+def _deep_copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -241,6 +389,8 @@ def parse_run_config(raw: Any, *, source: str = "config") -> RunConfig:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_friendly(exc)}") from None
+    except ConfigError as exc:  # raised as is by validators (space.dfs), already naming the field
+        raise ConfigError(f"{source}: {exc}") from None
     try:
         check_run_config(config)
     except ConfigError as exc:
@@ -250,11 +400,7 @@ def parse_run_config(raw: Any, *, source: str = "config") -> RunConfig:
 
 def check_run_config(config: RunConfig) -> None:
     """Cross-field checks needing registries but no downloads; raises ConfigError."""
-    # Imported here: the merge registry and scorers are heavier than the schema.
-    from evomerge_core.errors import MergeError
-    from evomerge_core.fitness.registry import validate_scorer
-    from evomerge_core.merge.methods import PARAM_RANGES, get_method
-
+    # The merge registry and scorers are imported inside the checks: heavier than the schema.
     refs = [s.model for s in config.sources]
     dupes = sorted({r for r in refs if refs.count(r) > 1})
     if dupes:
@@ -262,7 +408,69 @@ def check_run_config(config: RunConfig) -> None:
     bases = [s.model for s in config.sources if s.base]
     if len(bases) > 1:
         raise ConfigError(f"sources: {len(bases)} models are marked base: true; mark exactly one")
+    if config.stages is not None:
+        _check_stages(config)
+    elif config.space.kind == "dfs":
+        _check_dfs_space(config)
+    else:
+        _check_ps_space(config, bases)
+    _check_fitness(config.fitness)
+    if not (config.storage.startswith(("file://", "s3://", "memory://")) or "://" not in config.storage):
+        raise ConfigError(f"storage: {config.storage!r} is not supported; use a file:// directory or an s3:// URL")
+
+
+def _check_stages(config: RunConfig) -> None:
+    """Each stage must be a valid single-stage run once expanded; names must be unique."""
+    assert config.stages is not None
+    names = [config.stage_name(i) for i in range(len(config.stages))]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"stages: two stages are named {dupes[0]!r}; give each stage its own name")
+    for i in range(len(config.stages)):
+        config.stage_config(i)  # raises ConfigError naming stages[i]
+        if i > 0 and not config.stage_refs(i):
+            raise ConfigError(
+                f"stages[{i}] does not use an earlier stage's model; set space.dfs.model_a to "
+                f"'@{names[i - 1]}' (or model_b), or run it as a separate run"
+            )
+
+
+def _check_dfs_space(config: RunConfig) -> None:
+    """A DFS run has exactly two sources, A and B, named by space.dfs.model_a/model_b."""
+    dfs = config.space.dfs
+    assert dfs is not None
+    refs = [s.model for s in config.sources]
+    if len(refs) != 2:
+        raise ConfigError(f"sources: a DFS run combines exactly two models (A and B), got {len(refs)}; list only space.dfs.model_a and space.dfs.model_b")
+    if dfs.model_a == dfs.model_b:
+        raise ConfigError("space.dfs.model_b is the same model as model_a; DFS combines two different sources")
+    for field in ("model_a", "model_b"):
+        ref = getattr(dfs, field)
+        if ref not in refs:
+            raise ConfigError(f"space.dfs.{field}: {ref!r} is not one of the sources {refs}{_did_you_mean(ref, refs)}; name one of them")
+    if any(s.base for s in config.sources):
+        raise ConfigError("sources: base: true has no meaning in a DFS run (A and B are named by space.dfs.model_a/model_b); remove it")
+
+
+def _check_fitness(fitness: FitnessConfig) -> None:
+    """Scorer, prompt template and the minibatch/validation protocol."""
+    from evomerge_core.fitness.registry import validate_scorer
+
+    validate_scorer(fitness)
+    _check_prompt_template(fitness.prompt_template)
+    if fitness.selection == "validation" and fitness.validation is None:
+        raise ConfigError("fitness.selection is 'validation' but fitness.validation is not set; add a validation dataset or use selection: train")
+    if fitness.minibatch is not None and fitness.dataset is None:
+        raise ConfigError("fitness.minibatch needs fitness.dataset to draw from; add a dataset or remove minibatch")
+
+
+def _check_ps_space(config: RunConfig, bases: list[str]) -> None:
+    """PS: the merge method, its per-model parameters, bounds and initial point."""
+    from evomerge_core.errors import MergeError
+    from evomerge_core.merge.methods import PARAM_RANGES, get_method
+
     ps = config.space.ps
+    assert ps is not None
     try:
         method = get_method(ps.method)
     except MergeError as exc:
@@ -306,10 +514,6 @@ def check_run_config(config: RunConfig) -> None:
             raise ConfigError(f"space.ps.fixed: {key!r} is not a global parameter of {ps.method!r}{_did_you_mean(key, method.global_params)}; choose from {sorted(method.global_params)}")
     if isinstance(ps.granularity, LayerGroups) and ps.granularity.layer_groups < 1:
         raise ConfigError("space.ps.granularity.layer_groups must be at least 1")
-    validate_scorer(config.fitness)
-    _check_prompt_template(config.fitness.prompt_template)
-    if not (config.storage.startswith(("file://", "s3://", "memory://")) or "://" not in config.storage):
-        raise ConfigError(f"storage: {config.storage!r} is not supported; use a file:// directory or an s3:// URL")
 
 
 def _check_prompt_template(template: str) -> None:
@@ -384,7 +588,7 @@ def _friendly(exc: ValidationError) -> str:
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for cls in (RunConfig, SourceSpec, LayerGroups, PSSpaceConfig, SpaceConfig, OptimizerConfig, DatasetSpec,
-                FitnessConfig, RuntimeConfig, PublishConfig, OutputConfig):
+                FitnessConfig, RuntimeConfig, PublishConfig, OutputConfig, DFSSpaceConfig, StageConfig):
         names.update(cls.model_fields)
     return names
 

@@ -1,4 +1,4 @@
-"""Candidate -> fitness record. A candidate that fails (an exception while merging or
+"""Candidate -> fitness record (PS and DFS spaces; train minibatches, validation and test splits). A candidate that fails (an exception while merging or
 scoring, NaN/inf logits, a non-finite fitness) is recorded with the worst fitness and its error,
 and the run goes on.
 
@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,34 +21,78 @@ from evomerge_core.config import RunConfig
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.io import read_config
 from evomerge_core.architectures import num_hidden_layers
-from evomerge_core.resident import ResidentModel, get_resident
-from evomerge_core.spaces import PSSpace, build_space
+from evomerge_core.resident import get_resident
+from evomerge_core.spaces import build_space
+
+
+class _DataflowRunner:
+    """The DFS counterpart of `ResidentModel`: a `DataflowModel` whose path is switched per
+    candidate (no weights copied) and model A's tokenizer."""
+
+    def __init__(self, dir_a: str, dir_b: str, *, dtype: str, device: str) -> None:
+        from transformers import AutoTokenizer
+
+        from evomerge_core.dataflow import get_dataflow_model
+        from evomerge_core.merge.engine import parse_dtype
+
+        self.model = get_dataflow_model(dir_a, dir_b, dtype=parse_dtype(dtype), device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(dir_a)
+        self.lock = self.model.lock
+
+    def apply(self, recipe: Any) -> None:
+        """Switch to `recipe`'s path (caller holds `lock`)."""
+        self.model.set_recipe(recipe)
 
 
 class CandidateEvaluator:
-    """Evaluates genomes of one run on one worker."""
+    """Evaluates genomes of one run on one worker (PS: merged in place into a resident model;
+    DFS: run as a layer path through the cached `DataflowModel`)."""
 
     def __init__(self, config: RunConfig, sources: Mapping[str, str]) -> None:
         self.config = config
         self.sources = dict(sources)
-        reference = config.base or config.sources[0].model
-        from pathlib import Path
-
-        self.num_layers = num_hidden_layers(read_config(Path(self.sources[reference])))
-        self.space: PSSpace = build_space(config, num_layers=self.num_layers)
         self.fitness = Fitness(config.fitness, split="train")
-        self._test: Fitness | None = None
+        self._splits: dict[str, Fitness] = {}
+        self._batches: dict[int, Fitness] = {}
         if config.runtime.torch_threads:
             torch.set_num_threads(config.runtime.torch_threads)
-        self.resident: ResidentModel = get_resident(
-            self.sources, reference=reference, num_layers=self.num_layers,
-            dtype=config.runtime.dtype, device=config.runtime.device,
-        )
+        self.runner: Any
+        if config.space.kind == "dfs":
+            from evomerge_core.spaces.dfs import DFSSpace
+
+            dfs = config.space.dfs
+            self.space: Any = DFSSpace.from_sources(dfs, self.sources)
+            self.num_layers = self.space.layers_a
+            self.runner = _DataflowRunner(self.sources[dfs.model_a], self.sources[dfs.model_b],
+                                          dtype=config.runtime.dtype, device=config.runtime.device)
+        else:
+            reference = config.base or config.sources[0].model
+            self.num_layers = num_hidden_layers(read_config(Path(self.sources[reference])))
+            self.space = build_space(config, num_layers=self.num_layers)
+            self.runner = get_resident(
+                self.sources, reference=reference, num_layers=self.num_layers,
+                dtype=config.runtime.dtype, device=config.runtime.device,
+            )
+
+    @property
+    def resident(self) -> Any:
+        """The model candidates are applied to (`ResidentModel` or the DFS runner)."""
+        return self.runner
+
+    def fitness_for(self, split: str, generation: int) -> Fitness:
+        """The fitness of a split; for ``train`` with `fitness.minibatch`, the generation's minibatch."""
+        if split != "train":
+            return self.split_fitness(split)
+        found = self._batches.get(generation)
+        if found is None:
+            found = self.fitness.for_generation(generation, seed=self.config.optimizer.seed)
+            self._batches = {generation: found}  # generations arrive in order; keep one
+        return found
 
     def evaluate(self, genome: Sequence[float], *, generation: int, index: int, split: str = "train") -> dict[str, Any]:
-        """Merge and score one genome; never raises for a candidate failure."""
+        """Build and score one genome; never raises for a candidate failure."""
         started = time.perf_counter()
-        fitness = self.fitness if split == "train" else self.test_fitness()
+        fitness = self.fitness_for(split, generation)
         record: dict[str, Any] = {
             "generation": generation,
             "index": index,
@@ -61,14 +106,16 @@ class CandidateEvaluator:
             "seconds": None,
             "error": None,
         }
+        if split != "train":
+            record["split"] = split
         try:
             record["values"] = self.space.describe(genome)
             recipe = self.space.decode(genome)
             record["recipe"] = recipe.to_yaml_dict()
-            with self.resident.lock:
-                self.resident.apply(recipe)
-                check_logits(self.resident.model, self.resident.tokenizer, fitness.prompts[:1])
-                scores = fitness.score(self.resident.model, self.resident.tokenizer, recipe=recipe, genome=list(genome))
+            with self.runner.lock:
+                self.runner.apply(recipe)
+                check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
+                scores = fitness.score(self.runner.model, self.runner.tokenizer, recipe=recipe, genome=list(genome))
             record.update(fitness=scores["fitness"], accuracy=scores["accuracy"], metrics=scores["metrics"])
         except Exception as exc:  # a failed candidate must not end the run
             record.update(fitness=fitness.worst, error=f"{type(exc).__name__}: {exc}",
@@ -76,11 +123,15 @@ class CandidateEvaluator:
         record["seconds"] = round(time.perf_counter() - started, 4)
         return record
 
+    def split_fitness(self, split: str) -> Fitness:
+        """The fitness of ``validation`` or ``test`` (`fitness.validation` / `fitness.test`), loaded on first use."""
+        if split not in self._splits:
+            self._splits[split] = Fitness(self.config.fitness, split=split)
+        return self._splits[split]
+
     def test_fitness(self) -> Fitness:
         """The held-out fitness (``fitness.test``), loaded on first use."""
-        if self._test is None:
-            self._test = Fitness(self.config.fitness, split="test")
-        return self._test
+        return self.split_fitness("test")
 
 
 @torch.no_grad()
@@ -111,9 +162,11 @@ def get_evaluator(config: RunConfig, sources: Mapping[str, str]) -> CandidateEva
 
 
 def clear_evaluators() -> None:
-    """Forget cached evaluators (tests; frees the resident model)."""
+    """Forget cached evaluators (tests; frees the resident and dataflow models)."""
+    from evomerge_core.dataflow import clear_dataflow_cache
     from evomerge_core.resident import clear_resident_cache
 
     with _EVALUATORS_LOCK:
         _EVALUATORS.clear()
     clear_resident_cache()
+    clear_dataflow_cache()

@@ -47,15 +47,28 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _space_lines(space: dict[str, Any]) -> list[str]:
+    """The search-space lines of the report (PS or DFS)."""
+    if space["kind"] == "dfs":
+        return [
+            f"- search space: dfs, {len(space['names'])} parameters (r = {space['r']}, scales {space['scales']}, "
+            f"at most {space['max_hops']} layers)",
+            f"- model A: {space['model_a']} ({space['layers_a']} layers); model B: {space['model_b']} ({space['layers_b']} layers)",
+        ]
+    return [
+        f"- search space: {space['kind']} / {space['method']}, {len(space['names'])} parameters"
+        + (f", {space['layer_groups']} layer groups" if space.get("layer_groups") else ""),
+        f"- base: {space['base'] or '-'}; sources: {', '.join(space['models'])}",
+    ]
+
+
 def render_markdown(result: dict[str, Any], config: dict[str, Any]) -> str:
     """The text of report.md."""
     space = result["space"]
     lines = [
         f"# evomerge run `{result['run_key']}`",
         "",
-        f"- search space: {space['kind']} / {space['method']}, {len(space['names'])} parameters"
-        + (f", {space['layer_groups']} layer groups" if space.get("layer_groups") else ""),
-        f"- base: {space['base'] or '-'}; sources: {', '.join(space['models'])}",
+        *_space_lines(space),
         f"- evaluations: {result['evaluations']} in {len(result['generations'])} generations; "
         f"scorer `{config['fitness']['scorer']}`",
         f"- best fitness: **{_fmt(result['best_fitness'])}** (accuracy {_fmt(result.get('best_accuracy'))}), "

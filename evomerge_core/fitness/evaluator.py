@@ -3,34 +3,68 @@ resolved. `Fitness.score(model, tokenizer, recipe=..., genome=...)` returns a sm
 
 from __future__ import annotations
 
+import copy
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 from evomerge_core.config import FitnessConfig
+from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.data import load_items, render_prompts
 from evomerge_core.fitness.registry import ScoreContext, accuracy_scorer, get_scorer
 
 
+SPLITS = {"train": "dataset", "test": "test", "validation": "validation"}
+
+
+def minibatch_indices(num_rows: int, size: int, *, seed: int, generation: int) -> list[int]:
+    """The training items of one generation's minibatch: `size` distinct indices in
+    ``range(num_rows)``, sorted, drawn from (`seed`, `generation`) only (the same for every
+    candidate of a generation, on every worker and on resume)."""
+    if size > num_rows:
+        raise ConfigError(f"fitness.minibatch is {size} but fitness.dataset has only {num_rows} items; lower minibatch or remove it")
+    # A string seed is hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
+    rng = random.Random(f"evomerge-minibatch:{seed}:{generation}")
+    return sorted(rng.sample(range(num_rows), size))
+
+
 class Fitness:
-    """Scores candidate models on one split (``train`` for selection, ``test`` for reports)."""
+    """Scores candidate models on one split: ``train`` (selection), ``validation`` (choosing
+    the best snapshot, `fitness.validation`) or ``test`` (reports only)."""
 
     def __init__(self, config: FitnessConfig, *, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.config = config
         self.split = split
         self.scorer = get_scorer(config.scorer)
         self.accuracy = accuracy_scorer(config, self.scorer)
-        spec = config.dataset if split == "train" else config.test
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        where = "fitness.dataset" if split == "train" else "fitness.test"
+        field = SPLITS[split]
+        spec = getattr(config, field)
+        where = f"fitness.{field}"
         if spec is None:
-            if split == "test":
-                raise ValueError("no test dataset configured (fitness.test)")
+            if split != "train":
+                raise ValueError(f"no {split} dataset configured ({where})")
             self.rows: list[dict[str, Any]] = []
         else:
             self.rows = load_items(spec, where=where, template=config.prompt_template)
         self.prompts = render_prompts(self.rows, config.prompt_template)
+        if split == "train" and config.minibatch is not None and config.minibatch > len(self.rows):
+            minibatch_indices(len(self.rows), config.minibatch, seed=0, generation=0)  # raises the ConfigError
+
+    def subset(self, indices: Sequence[int]) -> Fitness:
+        """The same fitness on the rows at `indices` only (a view: nothing is reloaded)."""
+        view = copy.copy(self)
+        view.rows = [self.rows[i] for i in indices]
+        view.prompts = [self.prompts[i] for i in indices]
+        return view
+
+    def for_generation(self, generation: int, *, seed: int) -> Fitness:
+        """This generation's minibatch (`fitness.minibatch`), or self when no minibatch is set."""
+        if self.config.minibatch is None or self.split != "train":
+            return self
+        return self.subset(minibatch_indices(len(self.rows), self.config.minibatch, seed=seed, generation=generation))
 
     @property
     def worst(self) -> float:
