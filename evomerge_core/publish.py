@@ -209,9 +209,15 @@ def readme_fetcher(token: str | None, endpoint: str | None):
     def fetch(repo_id: str, revision: str | None) -> str | None:
         from huggingface_hub import hf_hub_download
 
+        from huggingface_hub.errors import HfHubHTTPError
+
         try:
             path = hf_hub_download(repo_id, "README.md", revision=revision, token=token or False, endpoint=endpoint)
             return Path(path).read_text(errors="replace")
+        except HfHubHTTPError as exc:
+            if token and getattr(exc.response, "status_code", None) == 401:  # a bad token: say so, not "unknown"
+                raise _hub_error(exc, repo_id, endpoint or "the Hub", token) from None
+            return None
         except Exception:  # unreadable: the license counts as unknown, which the caller reports
             return None
     return fetch

@@ -75,7 +75,10 @@ class HubStub:
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[LoggedRequest] = []
-        self.fail_commits = 0  # answer the next N commit calls with 500
+        # answer the next N commit calls with `fail_status` (507: a failure the client does not
+        # retry; huggingface_hub retries 408/429/5xx-gateway codes and 500 itself)
+        self.fail_commits = 0
+        self.fail_status = 507
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -299,7 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Error(404, f"Branch {branch} not found", "RevisionNotFound")
         if self.stub.fail_commits > 0:
             self.stub.fail_commits -= 1
-            raise _Error(500, "Internal error while committing (simulated by the hub stub)")
+            raise _Error(self.stub.fail_status, "Insufficient storage while committing (simulated by the hub stub)")
         files = dict(repo.commits[repo.branches[branch]])
         for line in self._body().splitlines():
             if not line.strip():
