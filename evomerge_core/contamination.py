@@ -115,21 +115,21 @@ def find_contamination(spec: Any, field: str = "fitness.dataset") -> Contaminati
     return None
 
 
-def selection_specs(config: Any) -> list[tuple[str, Any]]:
-    """The dataset specs a run selects models on: ``fitness.dataset`` and, where a config has
-    them, ``fitness.validation`` (snapshot selection). ``fitness.test`` is reporting only."""
-    fitness = config.fitness
+def selection_specs(fitness: Any) -> list[tuple[str, Any]]:
+    """The dataset specs a run selects models on: ``fitness.dataset`` and, when the best model is
+    chosen on it (``fitness.selection: validation``), ``fitness.validation``. ``fitness.test`` is
+    reporting only."""
     specs = [("fitness.dataset", getattr(fitness, "dataset", None))]
-    if getattr(fitness, "validation", None) is not None:
-        specs.append(("fitness.validation", fitness.validation))
+    if getattr(fitness, "selection", "train") == "validation":
+        specs.append(("fitness.validation", getattr(fitness, "validation", None)))
     return [(f, s) for f, s in specs if s is not None]
 
 
-def check_run_contamination(config: Any) -> list[ContaminationFinding]:
+def check_fitness_contamination(fitness: Any) -> list[ContaminationFinding]:
     """Refuse (ConfigError) selection on a known benchmark's evaluation split unless
     ``fitness.allow_benchmark_test_split`` is true; returns the allowed findings (for the card)."""
-    findings = [f for field, spec in selection_specs(config) if (f := find_contamination(spec, field))]
-    if findings and not getattr(config.fitness, "allow_benchmark_test_split", False):
+    findings = [f for field, spec in selection_specs(fitness) if (f := find_contamination(spec, field))]
+    if findings and not getattr(fitness, "allow_benchmark_test_split", False):
         first = findings[0]
         raise ConfigError(
             f"{first.sentence()}: selecting on it contaminates that benchmark's scores; select on a "
@@ -137,6 +137,11 @@ def check_run_contamination(config: Any) -> list[ContaminationFinding]:
             "card will say so)"
         )
     return findings
+
+
+def check_run_contamination(config: Any) -> list[ContaminationFinding]:
+    """:func:`check_fitness_contamination` of a run config's ``fitness``."""
+    return check_fitness_contamination(config.fitness)
 
 
 def describe_contamination(config: dict[str, Any]) -> list[dict[str, str]]:
@@ -149,7 +154,6 @@ def describe_contamination(config: dict[str, Any]) -> list[dict[str, str]]:
         return None if not spec else SimpleNamespace(path=spec.get("path", ""), split=spec.get("split", "train"),
                                                      data_files=spec.get("data_files"))
 
-    cfg = SimpleNamespace(fitness=SimpleNamespace(dataset=ns(fitness.get("dataset")),
-                                                  validation=ns(fitness.get("validation")),
-                                                  allow_benchmark_test_split=True))
-    return [f.to_dict() for f in check_run_contamination(cfg)]
+    allowed = SimpleNamespace(dataset=ns(fitness.get("dataset")), validation=ns(fitness.get("validation")),
+                              selection=fitness.get("selection", "train"), allow_benchmark_test_split=True)
+    return [f.to_dict() for f in check_fitness_contamination(allowed)]

@@ -262,3 +262,26 @@ def test_generation_table_is_thinned_for_long_runs():
     body = build_model_card(inputs).text
     assert "| 1 | 0.0000 |" in body and "| 112 | 0.5550 |" in body
     assert "92 of 112 generations are left out" in body
+
+
+# ------------------------------------------------------------------ the guard in config validation
+
+
+def run_config_dict(**fitness) -> dict:
+    return {"sources": [{"model": "org/base", "base": True}, {"model": "org/a"}],
+            "fitness": {"scorer": "math_accuracy", **fitness}}
+
+
+def test_config_validation_refuses_benchmark_test_selection_unless_allowed():
+    from evomerge_core.config import parse_run_config
+
+    gsm8k_test = {"path": "openai/gsm8k", "name": "main", "split": "test"}
+    with pytest.raises(ConfigError, match="openai/gsm8k split 'test'.*GSM8K.*allow_benchmark_test_split: true"):
+        parse_run_config(run_config_dict(dataset=gsm8k_test))
+    config = parse_run_config(run_config_dict(dataset=gsm8k_test, allow_benchmark_test_split=True))
+    assert describe_contamination(config.model_dump(mode="json"))[0]["benchmark"] == "GSM8K"
+    # the held-out split may be a benchmark's test split; selection on it via validation may not
+    parse_run_config(run_config_dict(dataset={"path": "my/train"}, test=gsm8k_test))
+    parse_run_config(run_config_dict(dataset={"path": "my/train"}, validation=gsm8k_test))
+    with pytest.raises(ConfigError, match="fitness.validation selects on openai/gsm8k"):
+        parse_run_config(run_config_dict(dataset={"path": "my/train"}, validation=gsm8k_test, selection="validation"))
