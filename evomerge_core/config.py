@@ -177,6 +177,9 @@ class FitnessConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
     # Fitness recorded for a failed candidate; default: the scorer's worst value.
     failure_fitness: float | None = None
+    # Allow selecting on a known benchmark's evaluation split (refused by default; see
+    # evomerge_core.contamination); the model card then says so.
+    allow_benchmark_test_split: bool = False
 
 
 class RuntimeConfig(_Strict):
@@ -188,10 +191,19 @@ class RuntimeConfig(_Strict):
 
 
 class PublishConfig(_Strict):
-    """Upload of the best model (carried out by `evomerge publish`; a later issue)."""
+    """Upload of the best model to the Hub at the end of the run (the publish flow; also
+    `evomerge publish`). Nothing is uploaded while `repo_id` is unset."""
 
     repo_id: str | None = None
     private: bool = True
+    revision: str = "main"
+    # The merged model's license when it cannot be derived from the sources' licenses.
+    license: str | None = None
+    force_license: bool = False
+    # Pause the flow run before pushing until someone resumes it.
+    approve: bool = False
+    # Prefect Secret block holding the Hub token (default: HF_TOKEN or the huggingface_hub login).
+    token_secret_block: str | None = None
 
 
 class OutputConfig(_Strict):
@@ -252,10 +264,11 @@ class RunConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _drop_no_stages(self, handler: Any) -> Any:
-        # Single-stage configs dump (and hash) exactly as before stages existed.
+        # Single-stage configs dump (and hash) exactly as before stages existed; a chained
+        # config has no top-level space (each stage has its own).
         data = handler(self)
-        if isinstance(data, dict) and data.get("stages") is None:
-            data.pop("stages", None)
+        if isinstance(data, dict):
+            data.pop("stages" if data.get("stages") is None else "space", None)
         return data
 
     @field_validator("run_key")
@@ -462,6 +475,9 @@ def _check_fitness(fitness: FitnessConfig) -> None:
         raise ConfigError("fitness.selection is 'validation' but fitness.validation is not set; add a validation dataset or use selection: train")
     if fitness.minibatch is not None and fitness.dataset is None:
         raise ConfigError("fitness.minibatch needs fitness.dataset to draw from; add a dataset or remove minibatch")
+    from evomerge_core.contamination import check_fitness_contamination
+
+    check_fitness_contamination(fitness)  # selecting on a benchmark's test split needs explicit consent
 
 
 def _check_ps_space(config: RunConfig, bases: list[str]) -> None:

@@ -170,3 +170,24 @@ def clear_evaluators() -> None:
         _EVALUATORS.clear()
     clear_resident_cache()
     clear_dataflow_cache()
+
+
+def preflight_run(config: RunConfig) -> None:
+    """Checks that need data or local files but no model: load every fitness split the run
+    (or each of its stages) uses, and for a DFS space whose A and B are local directories
+    check that they can share a path (SourceError naming the clash). Raises before anything
+    is written."""
+    stages = [config.stage_config(i) for i in range(len(config.stages))] if config.stages else [config]
+    for stage in stages:
+        Fitness(stage.fitness, split="train")
+        for split, spec in (("validation", stage.fitness.validation), ("test", stage.fitness.test)):
+            if spec is not None:
+                Fitness(stage.fitness, split=split)
+        dfs = stage.space.dfs
+        if dfs is not None:
+            from evomerge_core.dataflow import check_pair
+
+            dirs = [Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser() for ref in (dfs.model_a, dfs.model_b)]
+            if all((d / "config.json").is_file() for d in dirs):
+                check_pair(read_config(dirs[0]), read_config(dirs[1]), name_a=f"space.dfs.model_a ({dfs.model_a})",
+                           name_b=f"space.dfs.model_b ({dfs.model_b})")
