@@ -72,8 +72,15 @@ def _ok(record: dict[str, Any]) -> bool:
     return record.get("error") is None and record.get("fitness") is not None and math.isfinite(record["fitness"])
 
 
-def summarise_generation(generation: int, records: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Best / mean fitness of one generation (mean over candidates that did not fail)."""
+def generation_best(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The generation's best successful record by training fitness (first wins ties)."""
+    return max((r for r in records if _ok(r)), key=lambda r: r["fitness"], default=None)
+
+
+def summarise_generation(generation: int, records: Sequence[dict[str, Any]], seconds: float,
+                         validation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Best / mean fitness of one generation (mean over candidates that did not fail); with
+    `validation` (the generation best scored on the validation split) its validation record."""
     good = [r for r in records if _ok(r)]
     fits = [r["fitness"] for r in good]
     accs = [r["accuracy"] for r in good if r.get("accuracy") is not None]
@@ -88,7 +95,13 @@ def summarise_generation(generation: int, records: Sequence[dict[str, Any]], sec
         "failed": len(records) - len(good),
         "candidates": len(records),
         "seconds": round(seconds, 3),
+        **({"validation": _validation_summary(validation)} if validation is not None else {}),
     }
+
+
+def _validation_summary(validation: dict[str, Any]) -> dict[str, Any]:
+    keep = ("generation", "index", "fitness", "accuracy", "n_items", "error")
+    return {k: validation.get(k) for k in keep}
 
 
 class BestTracker:
@@ -97,8 +110,8 @@ class BestTracker:
     def __init__(self) -> None:
         self.record: dict[str, Any] | None = None
 
-    def update(self, records: Sequence[dict[str, Any]]) -> None:
-        """Consider a generation's records, in index order."""
+    def update(self, records: Sequence[dict[str, Any]], validation: dict[str, Any] | None = None) -> None:
+        """Consider a generation's records, in index order (`validation` is not used here)."""
         for r in records:
             if _ok(r) and (self.record is None or r["fitness"] > self.record["fitness"]):
                 self.record = r
@@ -108,6 +121,28 @@ class BestTracker:
         if self.record is None:
             raise EvomergeError(f"all {evaluated} candidates failed, so there is no best model; first error: {first_error}")
         return self.record
+
+
+class ValidationTracker(BestTracker):
+    """`fitness.selection: validation`: each generation's best (by training fitness, which on
+    minibatches is noisy and not comparable across generations) is scored on the validation
+    split; the run's best is the one with the highest validation fitness (first wins ties)."""
+
+    def update(self, records: Sequence[dict[str, Any]], validation: dict[str, Any] | None = None) -> None:
+        """Consider a generation: its records and its best's validation record."""
+        if validation is None or not _ok(validation):
+            return
+        top = next((r for r in records if r["index"] == validation["index"]), None)
+        if top is None:
+            return
+        current = self.record["validation"]["fitness"] if self.record is not None else None
+        if current is None or validation["fitness"] > current:
+            self.record = {**top, "validation": _validation_summary(validation)}
+
+
+def make_tracker(config: RunConfig) -> BestTracker:
+    """The best-so-far tracker of a run's `fitness.selection`."""
+    return ValidationTracker() if config.fitness.selection == "validation" else BestTracker()
 
 
 def checkpoint(store: RunStore, generation: int, records: Sequence[dict[str, Any]], optimizer_state: dict[str, Any],
@@ -144,6 +179,8 @@ def build_result(config: RunConfig, space: PSSpace, best: dict[str, Any], histor
         "best_recipe": best["recipe"],
         "best_generation": best["generation"],
         "best_index": best["index"],
+        "selection": config.fitness.selection,
+        "best_validation": best.get("validation"),
         "evaluations": len(history),
         "space": space.summary(),
         "generations": list(summaries),
@@ -173,6 +210,10 @@ def resolve_run_sources(config: RunConfig) -> dict[str, Any]:
     """
     from evomerge_core.sources import resolve_source, validate_sources
 
+    if config.space.kind == "dfs":  # A and B may differ in depth and vocabulary
+        from evomerge_core.dfs_run import resolve_dfs_sources
+
+        return resolve_dfs_sources(config)
     paths = {s.model: resolve_source(s.model) for s in config.sources}
     info = validate_sources(paths, base=config.base)
     return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
@@ -192,6 +233,10 @@ def materialise(config: RunConfig, paths: dict[str, str], num_layers: int, genom
     from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
     from evomerge_core.spaces import build_space
 
+    if config.space.kind == "dfs":  # a standard model of A's family, with recipe.yaml + lineage.yaml
+        from evomerge_core.dfs_run import materialise_dfs_best
+
+        return materialise_dfs_best(config, paths, genome, store)
     space = build_space(config, num_layers=num_layers)
     recipe = space.decode(genome)
     with tempfile.TemporaryDirectory(prefix="evomerge-best-") as tmp:

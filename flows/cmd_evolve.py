@@ -41,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def preflight(config) -> None:
-    """Load the fitness items (train and test) so data problems surface before any model."""
-    from evomerge_core.fitness.evaluator import Fitness
+    """Load the fitness items (train, validation, test; per stage) and check local DFS model
+    pairs, so data and shape problems surface before any model is loaded or anything written."""
+    from evomerge_core.evaluate import preflight_run
 
-    Fitness(config.fitness, split="train")
-    if config.fitness.test is not None:
-        Fitness(config.fitness, split="test")
+    preflight_run(config)

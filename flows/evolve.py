@@ -20,6 +20,7 @@ from prefect import flow, unmapped
 from evomerge.tasks.evolve import (
     checkpoint,
     evaluate_test,
+    evaluate_validation,
     materialise_best,
     merge_and_evaluate,
     resolve_sources,
@@ -38,15 +39,19 @@ def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> di
     names the flow run (the config's effective run key is used when empty).
     """
     cfg: RunConfig = parse_run_config(config)
+    if cfg.stages is not None:  # a chained run (e.g. PS then DFS): one sub-run per stage
+        from evomerge.flows.chain import run_chain
+
+        return run_chain(cfg, resume=resume)
     config = cfg.model_dump(mode="json")
     store = evolution.prepare_run(cfg, resume=resume)
     sources = resolve_sources(config)
-    space = build_space(cfg, num_layers=sources["num_layers"])
+    space = build_space(cfg, num_layers=sources["num_layers"], num_layers_b=sources.get("num_layers_b"))
     optimizer = evolution.make_optimizer(cfg, space)
     total = cfg.generations(optimizer.popsize)
     print(f"evolve {cfg.effective_run_key()}: {space.dim} parameters, population {optimizer.popsize}, "
           f"{total} generations -> {store.url()}", flush=True)
-    best = evolution.BestTracker()
+    best = evolution.make_tracker(cfg)
     history: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     for generation in range(total):
@@ -57,8 +62,13 @@ def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> di
         records = [f.result() for f in futures]
         optimizer.tell(genomes, [r["fitness"] for r in records])
         history.extend(records)
-        best.update(records)
-        summary = evolution.summarise_generation(generation, records, time.perf_counter() - started)
+        validation = None
+        top_of_generation = evolution.generation_best(records)
+        if cfg.fitness.validation is not None and top_of_generation is not None:
+            validation = evaluate_validation(config, sources["paths"], top_of_generation["genome"], generation,
+                                             top_of_generation["index"])
+        best.update(records, validation)
+        summary = evolution.summarise_generation(generation, records, time.perf_counter() - started, validation)
         summaries.append(summary)
         checkpoint(config, generation, records, optimizer.state_dict(), summary, best.record, len(history))
         print(evolution.progress_line(summary, total, best.record["fitness"] if best.record else None), flush=True)

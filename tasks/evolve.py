@@ -46,6 +46,13 @@ def evaluate_test(config: dict[str, Any], paths: dict[str, str], genome: list[fl
     return get_evaluator(_config(config), paths).evaluate(genome, generation=generation, index=index, split="test")
 
 
+@task(name="evaluate_validation", task_run_name="validate-g{generation}-c{index}", cache_policy=NO_CACHE)
+def evaluate_validation(config: dict[str, Any], paths: dict[str, str], genome: list[float], generation: int,
+                        index: int) -> dict[str, Any]:
+    """Score a generation's best genome on the validation split (`fitness.validation`)."""
+    return get_evaluator(_config(config), paths).evaluate(genome, generation=generation, index=index, split="validation")
+
+
 @task(name="materialise_best", cache_policy=NO_CACHE)
 def materialise_best(config: dict[str, Any], paths: dict[str, str], num_layers: int, genome: list[float]) -> str:
     """Merge the best genome to `best/` (model dir + recipe.yaml + mergekit.yaml); returns its URL."""
