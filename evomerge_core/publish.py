@@ -96,6 +96,11 @@ def check_model_dir(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def hub_endpoint(endpoint: str | None = None) -> str | None:
+    """``endpoint``, else ``HF_ENDPOINT`` read now (huggingface_hub reads it once, at import)."""
+    return endpoint or os.environ.get("HF_ENDPOINT") or None
+
+
 def redact(text: str, *secrets: str | None) -> str:
     """``text`` with every secret replaced by ``***``."""
     for s in secrets:
@@ -212,7 +217,8 @@ def readme_fetcher(token: str | None, endpoint: str | None):
         from huggingface_hub.errors import HfHubHTTPError
 
         try:
-            path = hf_hub_download(repo_id, "README.md", revision=revision, token=token or False, endpoint=endpoint)
+            path = hf_hub_download(repo_id, "README.md", revision=revision, token=token or False,
+                                   endpoint=hub_endpoint(endpoint))
             return Path(path).read_text(errors="replace")
         except HfHubHTTPError as exc:
             if token and getattr(exc.response, "status_code", None) == 401:  # a bad token: say so, not "unknown"
@@ -384,7 +390,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str, private: bool =
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
     where = api.endpoint
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

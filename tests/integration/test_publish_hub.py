@@ -376,3 +376,45 @@ def test_bad_input_gives_one_clear_error_each(hub, llm_run, prefect_api, tmp_pat
     assert cli("publish", str(vlm_like), "--repo-id", f"{ORG}/conflict", "--dry-run", str(tmp_path / "d2"),
                "--force-license") == 0
     assert "license: other" in (tmp_path / "d2" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------ the evolve flow's publish step
+
+
+def test_evolve_flow_publishes_best_when_repo_id_is_set(hub, prefect_api, tmp_path):
+    """A tiny evolve run with output.publish.repo_id pushes best/ with a card built from the run."""
+    import json as _json
+
+    from evomerge.flows.evolve import evolve
+    from evomerge_core.runstore import RunStore
+    from tiny_models import make_tiny_family
+
+    torch.set_num_threads(1)
+    family = make_tiny_family(tmp_path / "family", n_finetunes=2, seed=1, noise=0.02)
+    for path in family.values():
+        (path / "README.md").write_text("---\nlicense: mit\n---\n")
+    rows = [{"question": f"what is {i} plus 1? ", "target": str(i + 1)} for i in range(3)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    repo = f"{ORG}/evolved"
+    config = {
+        "run_key": "publish-step", "storage": f"file://{tmp_path / 'runs'}",
+        "sources": [{"model": str(family["base"]), "base": True}, {"model": str(family["ft1"])},
+                    {"model": str(family["ft2"])}],
+        "space": {"ps": {"method": "dare_ties", "params": ["density", "weight"]}},
+        "optimizer": {"popsize": 2, "seed": 3, "generations": 1},
+        "fitness": {"dataset": {"path": str(data), "columns": {"prompt": "question", "answer": "target"}},
+                    "test": {"path": str(data), "columns": {"prompt": "question", "answer": "target"}},
+                    "scorer": "logprob", "accuracy_scorer": "math_accuracy", "max_new_tokens": 2, "batch_size": 4},
+        "output": {"publish": {"repo_id": repo, "private": True}},
+    }
+    result = evolve(config)
+    files = hub.files(repo)
+    assert {"README.md", "recipe.yaml", "mergekit.yaml", "fitness.png", "evomerge_config.yaml"} <= set(files)
+    card = files["README.md"].decode()
+    assert "## Search" in card and "evolutionary-model-merge" in card and "license: mit" in card
+    held_out = result["test"]
+    assert held_out["accuracy"] is not None
+    assert f"| accuracy (held out) | {held_out['accuracy']:.4f} | 3 |" in card
+    marker = RunStore(config["storage"], "publish-step").read_json("published.json")
+    assert marker["pushes"][0]["commit_sha"] == hub.repos[repo].branches["main"]
