@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evomerge_core.config import RunConfig
-from evomerge_core.errors import EvomergeError, UsageError
+from evomerge_core.errors import EvomergeError
 from evomerge_core.optim import CMAES
 from evomerge_core.runstore import RunStore
 from evomerge_core.spaces import PSSpace
@@ -35,30 +35,20 @@ def stored_config(config: RunConfig) -> dict[str, Any]:
 
 
 def prepare_run(config: RunConfig, *, resume: bool = True) -> RunStore:
-    """Check the run key is free (or `resume` is False) and write the frozen config.
-
-    A run key with a finished result is refused unless `resume` is False (start over); an
-    unfinished run is refused too, because resuming arrives in a later version.
-    """
+    """Check the run key may be used (see `check_run_free`) and write the frozen config (no
+    lease: `evomerge_core.resume.open_run` is what an evolve run uses)."""
     store = check_run_free(config, resume=resume)
     store.write_config(stored_config(config))
     return store
 
 
 def check_run_free(config: RunConfig, *, resume: bool = True) -> RunStore:
-    """The run store, after checking the run key may be (re)used; UsageError otherwise."""
-    store = open_store(config)
-    if resume and store.exists():
-        if store.read_json(RESULT) is not None:
-            raise UsageError(
-                f"run {config.effective_run_key()!r} at {store.url()} has already finished; "
-                "pick another --run-key, or pass --no-resume to start over and overwrite it"
-            )
-        raise UsageError(
-            f"run {config.effective_run_key()!r} at {store.url()} exists but did not finish, and resuming is not "
-            "supported yet; pass --no-resume to start over, or pick another --run-key"
-        )
-    return store
+    """The run store, after checking storage access, that no live run holds the run key, and
+    (when resuming) that the stored run may be continued with this config: UsageError for a
+    finished run, ConfigError with a diff for a changed config, StorageError otherwise."""
+    from evomerge_core.resume import check_before_start
+
+    return check_before_start(config, resume=resume)
 
 
 def make_optimizer(config: RunConfig, space: PSSpace) -> CMAES:
@@ -147,14 +137,22 @@ def make_tracker(config: RunConfig) -> BestTracker:
 
 def checkpoint(store: RunStore, generation: int, records: Sequence[dict[str, Any]], optimizer_state: dict[str, Any],
                summary: dict[str, Any], best: dict[str, Any] | None, evaluations: int) -> None:
-    """Write the generation record, then `latest.json` (last, so it only names complete generations)."""
-    store.write_generation(generation, {
-        "generation": generation,
-        "summary": summary,
-        "candidates": list(records),
-        "optimizer_state": optimizer_state,
-    })
-    store.write_latest({
+    """Write the generation record, then `latest.json` (last, so it only names complete
+    generations); transient storage failures are retried (`resume.with_retries`)."""
+    from evomerge_core import faults
+    from evomerge_core.resume import with_retries
+
+    latest = _latest_record(generation, best, evaluations)
+    record = {"generation": generation, "summary": summary, "candidates": list(records),
+              "optimizer_state": optimizer_state}
+    with_retries(lambda: store.write_generation(generation, record), f"write generation {generation}")
+    faults.at("during_checkpoint", generation)
+    with_retries(lambda: store.write_latest(latest), f"write latest.json for generation {generation}")
+    faults.at("after_generation", generation)
+
+
+def _latest_record(generation: int, best: dict[str, Any] | None, evaluations: int) -> dict[str, Any]:
+    return {
         "generation": generation,
         "evaluations": evaluations,
         "best_fitness": best["fitness"] if best else None,
@@ -163,7 +161,7 @@ def checkpoint(store: RunStore, generation: int, records: Sequence[dict[str, Any
         "best_generation": best["generation"] if best else None,
         "best_index": best["index"] if best else None,
         "written_at": time.time(),
-    })
+    }
 
 
 def build_result(config: RunConfig, space: PSSpace, best: dict[str, Any], history: Sequence[dict[str, Any]],

@@ -141,6 +141,11 @@ class RunStore:
         """``True`` once the run's ``config.yaml`` has been written."""
         return self._backend.exists(CONFIG)
 
+    def check_access(self) -> None:
+        """Raise :class:`StorageError` naming the fix unless the storage can be used (bad
+        credentials, a missing bucket, an unreachable endpoint, an unwritable folder)."""
+        self._backend.check_access()
+
     def clear(self) -> int:
         """Delete every object of the run except ``lease.json`` (to start over with
         ``--no-resume``); ``latest.json`` goes first so no reader sees a half-cleared run as
@@ -443,11 +448,17 @@ class RunStore:
             return None, token
         return lease, token
 
-    def acquire_lease(self, owner: str, ttl_s: float = 600) -> None:
+    def acquire_lease(
+        self,
+        owner: str,
+        ttl_s: float = 600,
+        takeover_if: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         """Take the run's lease for ``owner`` for ``ttl_s`` seconds.
 
-        Raises :class:`StorageError` if another owner holds an unexpired lease. An expired (or
-        corrupt) lease is taken over with a warning; the owner's own lease is renewed.
+        Raises :class:`StorageError` if another owner holds an unexpired lease, unless
+        ``takeover_if(lease)`` says its holder is gone (e.g. a dead process on this host). An
+        expired (or corrupt) lease is taken over with a warning; the owner's own lease is renewed.
         """
         _check_owner(owner)
         if not ttl_s > 0:
@@ -465,13 +476,18 @@ class RunStore:
                 if self._backend.replace_if_version(LEASE, doc, token):
                     return
                 continue
+            gone = False
             if lease is not None and lease["expires_at"] > now:
-                raise StorageError(_held_message(self.url(LEASE), lease, now))
+                gone = takeover_if is not None and takeover_if(lease)
+                if not gone:
+                    raise StorageError(_held_message(self.url(LEASE), lease, now))
             if self._backend.replace_if_version(LEASE, self._lease_doc(owner, ttl_s), token):
                 if lease is not None:
                     _warn(
-                        f"took over the expired lease of owner {lease.get('owner')!r} (host "
-                        f"{lease.get('host')!r}, pid {lease.get('pid')}) on {self.url()}."
+                        f"took over the {'unexpired' if gone else 'expired'} lease of owner "
+                        f"{lease.get('owner')!r} (host {lease.get('host')!r}, pid "
+                        f"{lease.get('pid')}) on {self.url()}"
+                        + (": its process is gone." if gone else ".")
                     )
                 return
         raise StorageError(
@@ -571,6 +587,9 @@ class _Scoped(Backend):
 
     def delete_if_version(self, key: str, token: str) -> bool:
         return self._inner.delete_if_version(self._k(key), token)
+
+    def check_access(self) -> None:
+        self._inner.check_access()
 
 
 # Helpers ------------------------------------------------------------------------------------

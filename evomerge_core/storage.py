@@ -193,6 +193,12 @@ class Backend:
         """Delete ``key`` only if it still has version ``token`` (best effort on S3)."""
         raise NotImplementedError
 
+    def check_access(self) -> None:
+        """Raise :class:`StorageError` (with the fix) unless the root can be used: a writable
+        local folder (or one that can be created), or a reachable S3 bucket with these
+        credentials. Writes nothing."""
+        raise NotImplementedError
+
 
 class LocalBackend(Backend):
     """Local filesystem; compare-and-swap sections are serialised with ``flock``."""
@@ -322,6 +328,18 @@ class LocalBackend(Backend):
                 return False
             self.delete(key)
             return True
+
+    def check_access(self) -> None:
+        path = self._path("")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = "the folder" if existing == path else f"its nearest existing parent {existing}"
+            raise self.error(
+                "use", "", f"{what} is not a writable directory; choose a storage folder you can "
+                "write to"
+            )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -490,6 +508,18 @@ class S3Backend(Backend):
 
     def replace_if_version(self, key: str, data: bytes, token: str) -> bool:
         return self._conditional_put(key, data, IfMatch=token)
+
+    def check_access(self) -> None:
+        bucket = self.location.root.partition("/")[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise StorageError(
+                redact(f"cannot use {self.location.url()}: the bucket {bucket!r} does not exist; "
+                       "create the bucket or correct the storage URL.", self._secrets)
+            ) from None
+        except Exception as exc:
+            raise self.error("use", "", exc) from None
 
     def delete_if_version(self, key: str, token: str) -> bool:
         # S3 has no generally supported conditional DELETE: check the ETag, then delete. The

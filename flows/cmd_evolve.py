@@ -1,6 +1,8 @@
 """`evomerge evolve CONFIG.yaml [--run-key K] [--storage URL] [--no-resume]`: validate the
-config (before any model is loaded), then run the evolve flow locally against Prefect's
-ephemeral API (no server needed; set PREFECT_API_URL to use a server)."""
+config and the fitness data, check the storage (access, no live run on the run key, a config
+that may continue the stored run), all before any model is loaded; then run the evolve flow
+locally against Prefect's ephemeral API (no server needed; set PREFECT_API_URL to use a
+server). With the same run key and storage it continues an unfinished run."""
 
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-key", help="name of the run under the storage (default: config run_key, else a hash)")
     parser.add_argument("--storage", help="storage URL (file://DIR or s3://bucket/prefix); overrides the config")
     parser.add_argument("--no-resume", action="store_true",
-                        help="start over even if the run key already holds a run (overwrites it)")
+                        help="start over even if the run key already holds a run (deletes it first); "
+                             "by default an unfinished run is continued")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, preflight the fitness data, then run the flow."""
+    """Validate, preflight the fitness data and the storage, then run the flow."""
     config = load_run_config(args.config)
     overrides = {}
     if args.run_key:

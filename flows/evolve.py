@@ -1,18 +1,22 @@
 """The evolve flow: the paper's PS algorithm as a Prefect flow.
 
+    open the run: storage access, lease, resume state (or --no-resume: clear it)
     resolve sources
-    for each generation:
+    for each generation not yet checkpointed:
         genomes = CMA-ES ask
-        records = merge_and_evaluate mapped over the population
-        CMA-ES tell(fitness); checkpoint (generation record + optimizer state, latest.json)
+        records = stored evaluations, else merge_and_evaluate mapped (each stored when done)
+        CMA-ES tell(fitness); renew the lease; checkpoint (generation + optimizer state, latest.json)
     score the best on the held-out test split; materialise it; write result.json + report
 
-All logic lives in `evomerge_core`; tasks return small records.
+All logic lives in `evomerge_core`; tasks return small records. Re-running the flow with the
+same parameters (a new `evomerge evolve`, or `prefect flow-run retry`) continues from the run
+store.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from prefect import flow, unmapped
@@ -28,6 +32,7 @@ from evomerge.tasks.evolve import (
 )
 from evomerge_core import evolution
 from evomerge_core.config import RunConfig, parse_run_config
+from evomerge_core.resume import Run, candidate_keys, open_run
 from evomerge_core.spaces import build_space
 
 
@@ -44,22 +49,46 @@ def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> di
 
         return run_chain(cfg, resume=resume)
     config = cfg.model_dump(mode="json")
-    store = evolution.prepare_run(cfg, resume=resume)
+    run = open_run(cfg, resume=resume, owner=_lease_owner())
+    try:
+        return _search(cfg, config, run)
+    finally:
+        run.close()
+
+
+def _lease_owner() -> str:
+    """This flow run's id: a retry of the same flow run (`prefect flow-run retry`) may take the
+    lease back at once."""
+    from prefect.runtime import flow_run
+
+    return f"flow-run-{flow_run.id}" if flow_run.id else f"process-{uuid.uuid4().hex}"
+
+
+def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
+    """The generations from where the run store left off, then the end of the run."""
+    store, state = run.store, run.state
     sources = resolve_sources(config)
     space = build_space(cfg, num_layers=sources["num_layers"], num_layers_b=sources.get("num_layers_b"))
     optimizer = evolution.make_optimizer(cfg, space)
+    if state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
     total = cfg.generations(optimizer.popsize)
     print(f"evolve {cfg.effective_run_key()}: {space.dim} parameters, population {optimizer.popsize}, "
           f"{total} generations -> {store.url()}", flush=True)
     best = evolution.make_tracker(cfg)
-    history: list[dict[str, Any]] = []
-    summaries: list[dict[str, Any]] = []
-    for generation in range(total):
+    for done in state.generations:
+        best.update(done["candidates"], done["summary"].get("validation"))
+    history: list[dict[str, Any]] = state.history
+    summaries: list[dict[str, Any]] = state.summaries
+    if run.resumed:
+        damaged = " (the newest checkpoint was damaged: fell back one generation)" if state.recovered else ""
+        print(f"resuming from generation {state.next_generation + 1}/{total}: {len(history)} evaluations "
+              f"restored from checkpoints{damaged}", flush=True)
+    counts = {"new": 0, "reused": 0}
+    for generation in range(state.next_generation, total):
         started = time.perf_counter()
         genomes = optimizer.ask()
-        futures = merge_and_evaluate.map(unmapped(config), unmapped(sources["paths"]), genomes,
-                                         generation=unmapped(generation), index=list(range(len(genomes))))
-        records = [f.result() for f in futures]
+        records = _evaluate(cfg, config, sources, genomes, generation, run, counts)
         optimizer.tell(genomes, [r["fitness"] for r in records])
         history.extend(records)
         validation = None
@@ -70,6 +99,7 @@ def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> di
         best.update(records, validation)
         summary = evolution.summarise_generation(generation, records, time.perf_counter() - started, validation)
         summaries.append(summary)
+        run.lease.renew()
         checkpoint(config, generation, records, optimizer.state_dict(), summary, best.record, len(history))
         print(evolution.progress_line(summary, total, best.record["fitness"] if best.record else None), flush=True)
     first_error = next((r["error"] for r in history if r.get("error")), None)
@@ -82,6 +112,35 @@ def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> di
         best_url = materialise_best(config, sources["paths"], sources["num_layers"], top["genome"])
     result = evolution.build_result(cfg, space, top, history, summaries, test, best_url)
     url = write_result(config, result)
+    print(f"evaluations: {counts['new']} new, {counts['reused']} reused from the run store, "
+          f"{len(state.history)} restored from checkpoints", flush=True)
     print(f"best fitness {top['fitness']:.4f} (generation {top['generation'] + 1}, candidate {top['index']}); "
           f"result: {url}", flush=True)
+    if cfg.output.publish.repo_id:  # the publish step: only when output.publish.repo_id is set
+        from evomerge.flows.publish import publish_run_best
+
+        publish_run_best(config, best_url, sources["paths"])
     return result
+
+
+def _evaluate(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], genomes: list[list[float]],
+              generation: int, run: Run, counts: dict[str, int]) -> list[dict[str, Any]]:
+    """One generation's records: evaluations already in the run store (finished before an
+    interruption) are reused; the others are mapped over the workers and stored as they finish."""
+    keys = candidate_keys(cfg, sources["revisions"], genomes)
+    records: list[dict[str, Any] | None] = [
+        None if r is None else {**r, "generation": generation, "index": i} for i, r in enumerate(run.cached(keys))
+    ]
+    todo = [i for i, r in enumerate(records) if r is None]
+    if todo:
+        futures = merge_and_evaluate.map(unmapped(config), unmapped(sources["paths"]), [genomes[i] for i in todo],
+                                         generation=unmapped(generation), index=todo, key=[keys[i] for i in todo])
+        for i, future in zip(todo, futures):
+            records[i] = future.result()
+    reused = len(genomes) - len(todo)
+    counts["new"] += len(todo)
+    counts["reused"] += reused
+    if reused:
+        print(f"reused {reused} of {len(genomes)} evaluations of generation {generation + 1} from the run store",
+              flush=True)
+    return records  # type: ignore[return-value]

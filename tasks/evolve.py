@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from evomerge_core import evolution
+from evomerge_core import evolution, resume
 from evomerge_core.config import RunConfig
 from evomerge_core.evaluate import get_evaluator
 from evomerge_core.report import write_report
@@ -20,15 +20,22 @@ def _config(config: dict[str, Any]) -> RunConfig:
 
 @task(name="resolve_sources", cache_policy=NO_CACHE)
 def resolve_sources(config: dict[str, Any]) -> dict[str, Any]:
-    """Resolve and validate the sources: ``{paths, num_layers, architecture}``."""
-    return evolution.resolve_run_sources(_config(config))
+    """Resolve and validate the sources: ``{paths, num_layers, architecture, revisions}``
+    (`revisions` key the candidate cache)."""
+    sources = evolution.resolve_run_sources(_config(config))
+    return {**sources, "revisions": resume.source_revisions(sources["paths"])}
 
 
 @task(name="merge_and_evaluate", task_run_name="eval-g{generation}-c{index}", cache_policy=NO_CACHE)
 def merge_and_evaluate(config: dict[str, Any], paths: dict[str, str], genome: list[float], generation: int,
-                       index: int) -> dict[str, Any]:
-    """Merge one candidate into this worker's resident model and score it (failures recorded)."""
-    return get_evaluator(_config(config), paths).evaluate(genome, generation=generation, index=index)
+                       index: int, key: str | None = None) -> dict[str, Any]:
+    """Merge one candidate into this worker's resident model and score it (failures recorded);
+    with a candidate `key`, store the record in the run store as soon as it is done."""
+    cfg = _config(config)
+    record = get_evaluator(cfg, paths).evaluate(genome, generation=generation, index=index)
+    if key is not None:
+        resume.store_candidate(cfg, key, record)
+    return record
 
 
 @task(name="checkpoint", task_run_name="checkpoint-g{generation}", cache_policy=NO_CACHE)
@@ -71,5 +78,5 @@ def write_result(config: dict[str, Any], result: dict[str, Any]) -> str:
     if cfg.output.report:
         with tempfile.TemporaryDirectory(prefix="evomerge-report-") as tmp:
             store.put_dir(write_report(Path(tmp) / "report", result, config), "report")
-    store.write_json(evolution.RESULT, result)
+    resume.with_retries(lambda: store.write_json(evolution.RESULT, result), "write result.json")
     return store.url(evolution.RESULT)
