@@ -18,7 +18,6 @@ huggingface_hub login), is only ever handed to ``HfApi``, and is redacted from e
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import Any
 import yaml
 
 from evomerge_core.errors import EvomergeError, SourceError, UsageError
-from evomerge_core.io import AUX_FILES, SAFETENSORS_INDEX, TOKENIZER_FILES, read_config, weight_files
+from evomerge_core.io import AUX_FILES, SAFETENSORS_INDEX, read_config, weight_files
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 PUBLISHED = "published.json"

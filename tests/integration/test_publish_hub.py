@@ -383,8 +383,6 @@ def test_bad_input_gives_one_clear_error_each(hub, llm_run, prefect_api, tmp_pat
 
 def test_evolve_flow_publishes_best_when_repo_id_is_set(hub, prefect_api, tmp_path):
     """A tiny evolve run with output.publish.repo_id pushes best/ with a card built from the run."""
-    import json as _json
-
     from evomerge.flows.evolve import evolve
     from evomerge_core.runstore import RunStore
     from tiny_models import make_tiny_family
@@ -395,7 +393,7 @@ def test_evolve_flow_publishes_best_when_repo_id_is_set(hub, prefect_api, tmp_pa
         (path / "README.md").write_text("---\nlicense: mit\n---\n")
     rows = [{"question": f"what is {i} plus 1? ", "target": str(i + 1)} for i in range(3)]
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     repo = f"{ORG}/evolved"
     config = {
         "run_key": "publish-step", "storage": f"file://{tmp_path / 'runs'}",
