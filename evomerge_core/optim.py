@@ -60,6 +60,12 @@ _ALLOWED_FUNCTIONS = {
     ("numpy.core.multiarray", "scalar"),
     ("cma.evolution_strategy", "_pass"),
     ("cma.options_parameters", "is_feasible"),
+    # harmless builtin containers (cma's integer-variable handler keeps a `range`)
+    ("builtins", "range"),
+    ("builtins", "slice"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "complex"),
 }
 
 

@@ -169,3 +169,28 @@ def test_candidate_keys_depend_on_genome_sources_and_evaluation_config(tmp_path)
     assert k1 != resume.candidate_keys(other, revs, [[0.1, 0.2]])
     (src / "w.safetensors").write_bytes(b"12345")
     assert k1 != resume.candidate_keys(config, resume.source_revisions({"m": str(src)}), [[0.1, 0.2]])
+
+
+@pytest.mark.parametrize("popsize", [4, None])
+def test_optimizer_state_round_trip_continues_identically(popsize):
+    """A small population makes `cma` keep a `range` in its state; it must load (regression)."""
+    import json
+
+    from evomerge_core.optim import CMAES
+
+    def f(v):
+        return -sum((x - 0.3) ** 2 for x in v)
+
+    a = CMAES([0.5] * 4, sigma0=1 / 6, lower=[0] * 4, upper=[1] * 4, popsize=popsize, seed=11)
+    straight, resumed, b = [], [], None
+    for g in range(6):
+        if g == 2:
+            b = CMAES.from_state_dict(json.loads(json.dumps(a.state_dict())))
+        xs = a.ask()
+        a.tell(xs, [f(x) for x in xs])
+        straight.append(xs)
+        if b is not None:
+            ys = b.ask()
+            b.tell(ys, [f(y) for y in ys])
+            resumed.append(ys)
+    assert straight[2:] == resumed
