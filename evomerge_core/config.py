@@ -37,6 +37,17 @@ class SourceSpec(_Strict):
 
     model: str = Field(min_length=1)
     base: bool = False
+    # A vision-language model whose language model the other sources are merged into
+    # (evomerge_core.vlm); its vision tower, projector and processor are kept.
+    vlm: bool = False
+
+    @model_serializer(mode="wrap")
+    def _drop_default_vlm(self, handler: Any) -> Any:
+        # LLM-only configs dump (and hash) exactly as before VLM sources existed.
+        data = handler(self)
+        if isinstance(data, dict) and not self.vlm:
+            data.pop("vlm", None)
+        return data
 
 
 class LayerGroups(_Strict):
@@ -286,6 +297,12 @@ class RunConfig(_Strict):
         bases = [s.model for s in self.sources if s.base]
         return bases[0] if bases else None
 
+    @property
+    def vlm(self) -> str | None:
+        """The source marked ``vlm: true`` (a VLM run), if any."""
+        vlms = [s.model for s in self.sources if s.vlm]
+        return vlms[0] if vlms else None
+
     def effective_run_key(self) -> str:
         """`run_key`, or `evolve-<hash of the config>` when none is set."""
         return self.run_key or f"evolve-{self.config_hash()[:12]}"
@@ -428,8 +445,24 @@ def check_run_config(config: RunConfig) -> None:
     else:
         _check_ps_space(config, bases)
     _check_fitness(config.fitness)
+    _check_vlm(config)
     if not (config.storage.startswith(("file://", "s3://", "memory://")) or "://" not in config.storage):
         raise ConfigError(f"storage: {config.storage!r} is not supported; use a file:// directory or an s3:// URL")
+
+
+def _check_vlm(config: RunConfig) -> None:
+    """A VLM run: one source marked vlm, a PS space, and an image scorer only with a VLM."""
+    from evomerge_core.fitness.registry import get_scorer
+
+    vlms = [s.model for s in config.sources if s.vlm]
+    if len(vlms) > 1:
+        raise ConfigError(f"sources: {len(vlms)} models are marked vlm: true; mark exactly one VLM and list LLMs to merge into it")
+    if vlms and (config.stages is not None or config.space.kind != "ps"):
+        raise ConfigError("sources: a VLM (vlm: true) is merged with space.ps only; DFS and chained runs take LLMs")
+    if vlms and len(config.sources) < 2:
+        raise ConfigError("sources: list at least one LLM to merge into the VLM's language model")
+    if get_scorer(config.fitness.scorer).needs_images and not vlms:
+        raise ConfigError(f"fitness.scorer {config.fitness.scorer!r} scores a VLM on images; mark the VLM source with vlm: true")
 
 
 def _check_stages(config: RunConfig) -> None:

@@ -65,6 +65,13 @@ class CandidateEvaluator:
             self.num_layers = self.space.layers_a
             self.runner = _DataflowRunner(self.sources[dfs.model_a], self.sources[dfs.model_b],
                                           dtype=config.runtime.dtype, device=config.runtime.device)
+        elif config.vlm is not None:  # PS over the VLM's language model (evomerge_core.vlm)
+            from evomerge_core.vlm import get_resident_vlm, open_vlm
+
+            self.num_layers = num_hidden_layers(open_vlm(self.sources[config.vlm]).text_config)
+            self.space = build_space(config, num_layers=self.num_layers)
+            self.runner = get_resident_vlm(self.sources, vlm=config.vlm, num_layers=self.num_layers,
+                                           dtype=config.runtime.dtype, device=config.runtime.device)
         else:
             reference = config.base or config.sources[0].model
             self.num_layers = num_hidden_layers(read_config(Path(self.sources[reference])))
@@ -115,7 +122,8 @@ class CandidateEvaluator:
             with self.runner.lock:
                 self.runner.apply(recipe)
                 check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
-                scores = fitness.score(self.runner.model, self.runner.tokenizer, recipe=recipe, genome=list(genome))
+                scores = fitness.score(self.runner.model, self.runner.tokenizer, recipe=recipe, genome=list(genome),
+                                       processor=getattr(self.runner, "processor", None))
             record.update(fitness=scores["fitness"], accuracy=scores["accuracy"], metrics=scores["metrics"])
         except Exception as exc:  # a failed candidate must not end the run
             record.update(fitness=fitness.worst, error=f"{type(exc).__name__}: {exc}",
@@ -165,10 +173,12 @@ def clear_evaluators() -> None:
     """Forget cached evaluators (tests; frees the resident and dataflow models)."""
     from evomerge_core.dataflow import clear_dataflow_cache
     from evomerge_core.resident import clear_resident_cache
+    from evomerge_core.vlm import clear_resident_vlm_cache
 
     with _EVALUATORS_LOCK:
         _EVALUATORS.clear()
     clear_resident_cache()
+    clear_resident_vlm_cache()
     clear_dataflow_cache()
 
 

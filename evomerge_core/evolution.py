@@ -212,6 +212,10 @@ def resolve_run_sources(config: RunConfig) -> dict[str, Any]:
         from evomerge_core.dfs_run import resolve_dfs_sources
 
         return resolve_dfs_sources(config)
+    if config.vlm is not None:  # LLMs merged into a VLM's language model
+        from evomerge_core.vlm import resolve_vlm_sources
+
+        return resolve_vlm_sources(config)
     paths = {s.model: resolve_source(s.model) for s in config.sources}
     info = validate_sources(paths, base=config.base)
     return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
@@ -235,6 +239,10 @@ def materialise(config: RunConfig, paths: dict[str, str], num_layers: int, genom
         from evomerge_core.dfs_run import materialise_dfs_best
 
         return materialise_dfs_best(config, paths, genome, store)
+    if config.vlm is not None:  # the VLM with its language model merged, processor kept
+        from evomerge_core.vlm import materialise_vlm_best
+
+        return materialise_vlm_best(config, paths, num_layers, genome, store)
     space = build_space(config, num_layers=num_layers)
     recipe = space.decode(genome)
     with tempfile.TemporaryDirectory(prefix="evomerge-best-") as tmp:

@@ -48,7 +48,9 @@ class Fitness:
                 raise ValueError(f"no {split} dataset configured ({where})")
             self.rows: list[dict[str, Any]] = []
         else:
-            self.rows = load_items(spec, where=where, template=config.prompt_template)
+            self.rows = load_items(spec, where=where, template=config.prompt_template,
+                                   required=self.scorer.required_columns(config.options))
+            self.rows = self.scorer.prepare_rows(self.rows, spec, where, config.options)
         self.prompts = render_prompts(self.rows, config.prompt_template)
         if split == "train" and config.minibatch is not None and config.minibatch > len(self.rows):
             minibatch_indices(len(self.rows), config.minibatch, seed=0, generation=0)  # raises the ConfigError
@@ -73,8 +75,9 @@ class Fitness:
             return float(self.config.failure_fitness)
         return self.scorer.worst
 
-    def context(self, model: Any, tokenizer: Any, *, recipe: Any = None, genome: Sequence[float] | None = None) -> ScoreContext:
-        """A fresh score context for one candidate."""
+    def context(self, model: Any, tokenizer: Any, *, recipe: Any = None, genome: Sequence[float] | None = None,
+                processor: Any = None) -> ScoreContext:
+        """A fresh score context for one candidate (`processor`: a VLM's, for image scorers)."""
         return ScoreContext(
             model=model,
             tokenizer=tokenizer,
@@ -86,11 +89,13 @@ class Fitness:
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=tuple(self.config.stop_strings),
             batch_size=self.config.batch_size,
+            processor=processor,
         )
 
-    def score(self, model: Any, tokenizer: Any, *, recipe: Any = None, genome: Sequence[float] | None = None) -> dict[str, Any]:
+    def score(self, model: Any, tokenizer: Any, *, recipe: Any = None, genome: Sequence[float] | None = None,
+              processor: Any = None) -> dict[str, Any]:
         """``{fitness, accuracy, metrics, n_items}``; raises ValueError on a non-finite fitness."""
-        ctx = self.context(model, tokenizer, recipe=recipe, genome=genome)
+        ctx = self.context(model, tokenizer, recipe=recipe, genome=genome, processor=processor)
         result = self.scorer(ctx)
         fitness = result.pop("fitness")
         if not math.isfinite(fitness):

@@ -29,6 +29,8 @@ BUILTIN_SCORERS: dict[str, str] = {
     "exact_match": "evomerge_core.fitness.scorers:exact_match",
     "logprob": "evomerge_core.fitness.scorers:answer_logprob",
     "lmeval": "evomerge_core.fitness.lmeval:lmeval_score",
+    "rouge_l": "evomerge_core.fitness.vqa:rouge_l_score",
+    "vqa_rouge_l": "evomerge_core.fitness.vqa:vqa_rouge_l",
 }
 
 
@@ -50,6 +52,8 @@ class ScoreContext:
     max_new_tokens: int = 64
     stop_strings: Sequence[str] = ()
     batch_size: int = 16
+    # The VLM's processor (image processor + tokenizer) for image scorers; None for LLMs.
+    processor: Any = None
     # Shared by `with_options` clones, so outputs are generated once per candidate.
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +104,21 @@ class Scorer:
     def needs_dataset(self) -> bool:
         """False for scorers that bring their own data (lm-eval tasks)."""
         return bool(getattr(self.fn, "needs_dataset", True))
+
+    @property
+    def needs_images(self) -> bool:
+        """True for scorers of a VLM on image items (they need a source marked vlm: true)."""
+        return bool(getattr(self.fn, "needs_images", False))
+
+    def required_columns(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """Columns every row must have (besides the prompt template's fields)."""
+        required = getattr(self.fn, "required_columns", None)
+        return tuple(required(options)) if required is not None else ("prompt", "answer")
+
+    def prepare_rows(self, rows: list[dict[str, Any]], spec: Any, where: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Rows as the scorer needs them (e.g. images opened and checked); as loaded by default."""
+        prepare = getattr(self.fn, "prepare_rows", None)
+        return prepare(rows, spec, where, options) if prepare is not None else rows
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Validate scorer options before any model is loaded (ConfigError on problems)."""

@@ -7,6 +7,7 @@ tensor per source. The output directory is built in a temporary sibling and rena
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -103,10 +104,18 @@ def _merge_planned(plan: MergePlan, tensor_name: str, tensors: Mapping[str, torc
     return out
 
 
-def merge_tensor(recipe: MergeRecipe, tensor_name: str, tensors: Mapping[str, torch.Tensor], *, num_layers: int) -> torch.Tensor:
+def merge_tensor(recipe: MergeRecipe, tensor_name: str, tensors: Mapping[str, torch.Tensor], *, num_layers: int,
+                 reference: str | None = None) -> torch.Tensor:
     """Merge one tensor. `tensors` is keyed by the recipe's model references (base included
-    when the method has one). Returns float32; deterministic for DARE given `recipe.seed`."""
-    return _merge_planned(plan_recipe(recipe), tensor_name, tensors, num_layers)
+    when the method has one). Returns float32; deterministic for DARE given `recipe.seed`.
+    `reference` overrides the model whose shape (and extra vocabulary rows) the result takes
+    (default: the base, else the first model); it must be a key of `tensors`."""
+    plan = plan_recipe(recipe)
+    if reference is not None and reference != plan.reference:
+        if reference not in tensors:
+            raise MergeError(f"tensor {tensor_name}: no tensor given for reference model {reference!r}")
+        plan = dataclasses.replace(plan, reference=reference)
+    return _merge_planned(plan, tensor_name, tensors, num_layers)
 
 
 def merge_state_dicts(

@@ -1,0 +1,455 @@
+"""Vision-language models (VLMs): where the language model lives, and merging LLMs into it.
+
+A VLM family entry (`VLM_FAMILIES`) says, for one architecture, under which tensor names the
+language model (LM) sits, in every layout we accept when reading:
+
+| family | layout | LM body | LM head | kept (vision + projector) |
+|---|---|---|---|---|
+| LLaVA, LLaVA-NeXT | checkpoint (what transformers 4 and 5.24 save) | `language_model.model.` | `language_model.lm_head.` | `vision_tower.*`, `multi_modal_projector.*` (NeXT: `image_newline`) |
+| LLaVA, LLaVA-NeXT | in-memory (also accepted on disk) | `model.language_model.` | `lm_head.` | `model.vision_tower.*`, `model.multi_modal_projector.*` |
+
+Every LM tensor maps to the *canonical* name an LLM of the same family uses
+(`model.layers.N...`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`), so a
+merge recipe runs on canonical names with the VLM's LM as one more model. Tensors that are not
+the LM's (vision tower, projector, anything else) are never merged: they are copied bit for bit.
+Adding a family (Qwen2-VL, Idefics, Gemma 3) is one `VLMFamily` entry plus a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge_core import architectures as arch
+from evomerge_core.errors import MergeError, SourceError
+from evomerge_core.io import AUX_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config
+
+LLM_BODY = "model."
+LLM_HEAD = "lm_head."
+
+
+@dataclass(frozen=True)
+class LMLayout:
+    """Where a VLM's language model sits under one naming layout."""
+
+    name: str
+    body: str  # prefix of the decoder body (embeddings, layers, final norm)
+    head: str  # prefix of the output head (`{head}weight`)
+
+    def canonical(self, tensor_name: str) -> str | None:
+        """The LLM name of a VLM tensor under this layout, or None when it is not the LM's."""
+        if tensor_name.startswith(self.head):
+            return LLM_HEAD + tensor_name[len(self.head):]
+        if tensor_name.startswith(self.body):
+            return LLM_BODY + tensor_name[len(self.body):]
+        return None
+
+    def vlm_name(self, canonical: str) -> str:
+        """The VLM tensor name of a canonical LLM name under this layout."""
+        if canonical.startswith(LLM_HEAD):
+            return self.head + canonical[len(LLM_HEAD):]
+        if canonical.startswith(LLM_BODY):
+            return self.body + canonical[len(LLM_BODY):]
+        raise MergeError(f"tensor {canonical} is not a language-model tensor (model.* or lm_head.*)")
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    """One VLM architecture family: its layouts and the config key of its text model."""
+
+    name: str
+    architectures: tuple[str, ...]
+    memory: LMLayout  # names of the loaded model (`model.state_dict()`)
+    layouts: tuple[LMLayout, ...]  # accepted on disk
+    kept_prefixes: tuple[str, ...]  # what stays the VLM's (documentation and tests)
+    text_config_key: str = "text_config"
+    model_class: str = ""  # transformers class name used to load it
+
+    def text_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The language model's config dict inside the VLM config."""
+        text = config.get(self.text_config_key)
+        if not isinstance(text, dict):
+            raise SourceError(f"the {self.name} config has no {self.text_config_key!r} section; is it a saved {self.name} model?")
+        return text
+
+
+_LLAVA_DISK = LMLayout("checkpoint", body="language_model.model.", head="language_model.lm_head.")
+_LLAVA_MEMORY = LMLayout("in-memory", body="model.language_model.", head="lm_head.")
+
+VLM_FAMILIES: dict[str, VLMFamily] = {
+    "llava": VLMFamily(
+        name="llava",
+        architectures=("LlavaForConditionalGeneration",),
+        memory=_LLAVA_MEMORY,
+        layouts=(_LLAVA_DISK, _LLAVA_MEMORY),
+        kept_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+        model_class="LlavaForConditionalGeneration",
+    ),
+    "llava_next": VLMFamily(
+        name="llava_next",
+        architectures=("LlavaNextForConditionalGeneration",),
+        memory=_LLAVA_MEMORY,
+        layouts=(_LLAVA_DISK, _LLAVA_MEMORY),
+        kept_prefixes=("vision_tower.", "multi_modal_projector.", "image_newline", "model.vision_tower.",
+                       "model.multi_modal_projector.", "model.image_newline"),
+        model_class="LlavaNextForConditionalGeneration",
+    ),
+}
+
+
+def supported_architectures() -> list[str]:
+    """Every VLM architecture name in the map."""
+    return [a for fam in VLM_FAMILIES.values() for a in fam.architectures]
+
+
+def family_of(config: Mapping[str, Any]) -> VLMFamily | None:
+    """The VLM family of a config.json dict, or None when it is not a VLM we know."""
+    try:
+        name = arch.architecture_name(dict(config))
+    except ValueError:
+        return None
+    for fam in VLM_FAMILIES.values():
+        if name in fam.architectures:
+            return fam
+    return None
+
+
+def require_family(config: Mapping[str, Any], *, what: str) -> VLMFamily:
+    """The VLM family of `config`; SourceError listing the supported ones when unknown."""
+    fam = family_of(config)
+    if fam is None:
+        try:
+            name = arch.architecture_name(dict(config))
+        except ValueError:
+            name = "model without an architecture name"
+        raise SourceError(
+            f"{what} is a {name}, which is not a supported VLM; supported: {', '.join(supported_architectures())} "
+            "(add an entry to evomerge_core.vlm.VLM_FAMILIES for another family)"
+        )
+    return fam
+
+
+def detect_layout(family: VLMFamily, names: list[str]) -> LMLayout:
+    """The layout a VLM checkpoint's tensor names use (the most specific body prefix that
+    holds decoder layers); SourceError when none matches."""
+    for layout in sorted(family.layouts, key=lambda lay: -len(lay.body)):
+        if any(n.startswith(layout.body + "layers.") for n in names):
+            return layout
+    known = ", ".join(f"{lay.body}layers.N" for lay in family.layouts)
+    raise SourceError(f"no language-model layers found in this {family.name} checkpoint (looked for {known}); is it a saved {family.name} model?")
+
+
+@dataclass(frozen=True)
+class VLMCheckpoint:
+    """A VLM directory's language-model map: canonical LLM name -> tensor name in its files."""
+
+    path: Path
+    family: VLMFamily
+    layout: LMLayout
+    config: dict[str, Any]
+    lm_names: dict[str, str]  # canonical -> on-disk name
+    other_names: list[str]  # vision tower, projector, ... (kept as they are)
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.family.text_config(self.config)
+
+
+def open_vlm(path: Path | str, *, what: str = "the VLM") -> VLMCheckpoint:
+    """Read a VLM directory's config and tensor names and map its language model."""
+    path = Path(path)
+    config = read_config(path)
+    family = require_family(config, what=what)
+    names = LazyModelReader(path).names()
+    layout = detect_layout(family, names)
+    lm: dict[str, str] = {}
+    other: list[str] = []
+    for name in names:
+        canonical = layout.canonical(name)
+        if canonical is None:
+            other.append(name)
+        else:
+            lm[canonical] = name
+    return VLMCheckpoint(path, family, layout, config, lm, other)
+
+
+def read_lm_state_dict(checkpoint: VLMCheckpoint) -> dict[str, torch.Tensor]:
+    """The VLM's language-model tensors under canonical LLM names."""
+    reader = LazyModelReader(checkpoint.path)
+    return {canonical: reader.get(name) for canonical, name in checkpoint.lm_names.items()}
+
+
+# Config keys of the text model that must agree between the VLM's LM and an LLM.
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass
+class VLMSourceInfo:
+    """What a VLM merge needs: the VLM's map, layer count and the LM tensor shapes."""
+
+    vlm: str
+    checkpoint: VLMCheckpoint
+    num_layers: int
+    lm_shapes: dict[str, tuple[int, ...]]
+
+
+def validate_vlm_sources(sources: Mapping[str, Path | str], *, vlm: str) -> VLMSourceInfo:
+    """Check that every LLM in `sources` can be merged into the language model of the VLM
+    `sources[vlm]`: same family (text model type), same sizes, same tensor names and shapes
+    (vocabulary tensors may differ in rows). Raises SourceError naming the problem."""
+    if vlm not in sources:
+        raise SourceError(f"the VLM {vlm!r} is not among the resolved sources")
+    ckpt = open_vlm(Path(sources[vlm]), what=f"model {vlm!r} (marked vlm: true)")
+    text = ckpt.text_config
+    text_type = text.get("model_type")
+    lm_reader = LazyModelReader(ckpt.path)
+    lm_shapes = {c: lm_reader.tensors[n].shape for c, n in ckpt.lm_names.items()}
+    for ref, path in sources.items():
+        if ref == vlm:
+            continue
+        config = read_config(Path(path))
+        if family_of(config) is not None:
+            raise SourceError(f"model {ref!r} is also a VLM; merge LLMs into one VLM (mark exactly one source vlm: true)")
+        model_type = config.get("model_type")
+        if model_type != text_type:
+            raise SourceError(
+                f"model {ref!r} is a {model_type} model but the language model of VLM {vlm!r} is a {text_type}; "
+                "merge LLMs of the VLM's language-model family only"
+            )
+        for key in _SHAPE_KEYS:
+            a, b = config.get(key), text.get(key)
+            if a is not None and b is not None and a != b:
+                raise SourceError(
+                    f"model {ref!r} has {key} {a} but the language model of VLM {vlm!r} has {b}; "
+                    "only LLMs of the same size can be merged into it"
+                )
+        other = LazyModelReader(Path(path)).tensors
+        missing = [c for c in lm_shapes if c not in other]
+        if missing:
+            raise SourceError(f"tensor {missing[0]} of the language model of VLM {vlm!r} is missing from model {ref!r}; the models do not have the same tensors")
+        extra = [t for t in other if t not in lm_shapes]
+        if extra:
+            raise SourceError(f"model {ref!r} has tensor {extra[0]} that the language model of VLM {vlm!r} lacks; the models do not have the same tensors")
+        for name, shape in lm_shapes.items():
+            got = other[name].shape
+            if got == shape:
+                continue
+            vocab_only = arch.is_vocab_tensor(name) and len(got) == len(shape) and got[1:] == shape[1:]
+            if not vocab_only:
+                raise SourceError(
+                    f"tensor {name} has shape {list(got)} in model {ref!r} but {list(shape)} in the language model of VLM {vlm!r}; the models cannot be merged"
+                )
+    try:
+        layers = arch.num_hidden_layers(text)
+    except ValueError as exc:
+        raise SourceError(f"VLM {vlm!r}: {exc}") from None
+    return VLMSourceInfo(vlm=vlm, checkpoint=ckpt, num_layers=layers, lm_shapes=lm_shapes)
+
+
+def load_source_state_dicts(sources: Mapping[str, Path | str], *, vlm: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Every source's LM tensors under canonical names (the VLM's LM extracted, LLMs as they are)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for ref, path in sources.items():
+        if ref == vlm:
+            out[ref] = read_lm_state_dict(open_vlm(Path(path)))
+        else:
+            reader = LazyModelReader(Path(path))
+            out[ref] = {name: reader.get(name) for name in reader.names()}
+    return out
+
+
+def _merge(recipe: Any, name: str, tensors: Mapping[str, torch.Tensor], num_layers: int, vlm: str) -> torch.Tensor:
+    from evomerge_core.merge.engine import merge_tensor
+
+    # The VLM is the reference: its extra vocabulary rows (image tokens) are kept.
+    return merge_tensor(recipe, name, tensors, num_layers=num_layers, reference=vlm)
+
+
+def load_vlm_model(path: Path | str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """Load a VLM directory with its family's transformers class (eval mode)."""
+    import transformers
+
+    family = require_family(read_config(Path(path)), what=str(path))
+    cls = getattr(transformers, family.model_class)
+    return cls.from_pretrained(str(path), dtype=dtype).to(device).eval()
+
+
+def load_processor(path: Path | str) -> Any:
+    """The VLM's processor (image processor + tokenizer + chat template), left padding."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+class ResidentVLM:
+    """The VLM counterpart of `resident.ResidentModel`: the VLM stays loaded, each candidate
+    recipe is merged into its language model in place; the vision tower and projector are
+    never written. `tokenizer` is the processor's tokenizer, `processor` the full processor."""
+
+    def __init__(self, sources: Mapping[str, str | Path], *, vlm: str, num_layers: int,
+                 dtype: str = "float32", device: str = "cpu") -> None:
+        from evomerge_core.merge.engine import parse_dtype
+
+        self.sources = {ref: Path(p) for ref, p in sources.items()}
+        self.vlm = vlm
+        self.num_layers = num_layers
+        self.lock = threading.RLock()
+        self.state_dicts = load_source_state_dicts(self.sources, vlm=vlm)
+        self.model = load_vlm_model(self.sources[vlm], dtype=parse_dtype(dtype), device=device)
+        self.processor = load_processor(self.sources[vlm])
+        self.tokenizer = self.processor.tokenizer
+        family = require_family(read_config(self.sources[vlm]), what=vlm)
+        model_sd = self.model.state_dict(keep_vars=True)
+        self._targets: dict[str, torch.Tensor] = {}
+        for canonical in self.state_dicts[vlm]:
+            name = family.memory.vlm_name(canonical)
+            if name not in model_sd:
+                raise MergeError(f"language-model tensor {canonical} maps to {name}, which the loaded {family.name} model lacks; fix the VLM map")
+            self._targets[canonical] = model_sd[name]
+        self.current: str | None = None
+
+    @torch.no_grad()
+    def apply(self, recipe: Any) -> None:
+        """Merge `recipe` into the VLM's language model in place (caller holds `lock`)."""
+        from evomerge_core.resident import recipe_hash
+
+        self.current = None
+        for name, target in self._targets.items():
+            tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
+            merged = _merge(recipe, name, tensors, self.num_layers, self.vlm)
+            if not bool(torch.isfinite(merged).all()):
+                raise MergeError(f"the merge produced non-finite values in tensor {name}")
+            if tuple(merged.shape) != tuple(target.shape):
+                raise MergeError(f"merged tensor {name} has shape {list(merged.shape)}, the VLM expects {list(target.shape)}")
+            target.data.copy_(merged.to(dtype=target.dtype, device=target.device))
+        self.current = recipe_hash(recipe)
+
+
+_CACHE: dict[tuple[Any, ...], ResidentVLM] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_resident_vlm(sources: Mapping[str, str | Path], *, vlm: str, num_layers: int,
+                     dtype: str = "float32", device: str = "cpu") -> ResidentVLM:
+    """The process-wide resident VLM for these sources (loaded on first use)."""
+    key = (tuple(sorted((r, str(p)) for r, p in sources.items())), vlm, num_layers, dtype, device)
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is None:
+            _CACHE.clear()
+            found = ResidentVLM(sources, vlm=vlm, num_layers=num_layers, dtype=dtype, device=device)
+            _CACHE[key] = found
+        return found
+
+
+def clear_resident_vlm_cache() -> None:
+    """Drop the cached resident VLM."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Path | str, *, vlm: str,
+                     dtype: str | None = None, overwrite: bool = False, shard_size: int = 5 * 10**9) -> Path:
+    """Write the VLM with its language model replaced by the recipe's merge, atomically.
+
+    Tensor names, order and layout are the VLM's own; non-LM tensors (vision tower, projector)
+    are copied byte for byte in their own dtype; LM tensors are written in `dtype` (default:
+    the recipe's, else the VLM's). Config, processor, tokenizer, chat template and generation
+    config come from the VLM; `evomerge_recipe.yaml` records the recipe.
+    """
+    import yaml
+
+    from evomerge_core.merge.engine import check_out_dir, parse_dtype
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    paths = {ref: Path(p) for ref, p in sources.items()}
+    missing = [m for m in recipe.model_names() if m not in paths]
+    if missing:
+        raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
+    info = validate_vlm_sources({m: paths[m] for m in set(recipe.model_names()) | {vlm}}, vlm=vlm)
+    ckpt = info.checkpoint
+    readers = {ref: LazyModelReader(paths[ref]) for ref in set(recipe.model_names()) | {vlm}}
+    vlm_reader = readers[vlm]
+    to_canonical = {name: c for c, name in ckpt.lm_names.items()}
+    first_lm = vlm_reader.tensors[next(iter(ckpt.lm_names.values()))].dtype
+    named = dtype or recipe.out_dtype or recipe.dtype
+    lm_dtype = parse_dtype(named) if named else first_lm
+    planned = [
+        PlannedTensor(n, lm_dtype if n in to_canonical and info_.dtype.is_floating_point else info_.dtype, info_.shape)
+        for n, info_ in vlm_reader.tensors.items()
+    ]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    writer = ShardedWriter(tmp, planned, shard_size)
+    try:
+        for item in planned:
+            canonical = to_canonical.get(item.name)
+            if canonical is None or not item.dtype.is_floating_point:
+                writer.write(item.name, vlm_reader.get(item.name))  # kept bit for bit
+                continue
+            tensors = {ref: (r.get(ckpt.lm_names[canonical]) if ref == vlm else r.get(canonical)).to(torch.float32)
+                       for ref, r in readers.items()}
+            merged = _merge(recipe, canonical, tensors, info.num_layers, vlm)
+            writer.write(item.name, merged.to(item.dtype))
+        writer.close()
+        config = dict(ckpt.config)
+        if named:
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(lm_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_files(paths[vlm], tmp, [f for f in AUX_FILES if f != "config.json"])
+        (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --------------------------------------------------------------------------- evolve runs
+
+
+def resolve_vlm_sources(config: Any) -> dict[str, Any]:
+    """Resolve a VLM run's sources and check the LLMs fit the VLM's language model:
+    ``{"paths", "num_layers", "architecture"}`` like `evolution.resolve_run_sources`."""
+    from evomerge_core.sources import resolve_source
+
+    paths = {s.model: resolve_source(s.model) for s in config.sources}
+    info = validate_vlm_sources(paths, vlm=config.vlm)
+    return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
+            "architecture": arch.architecture_name(info.checkpoint.config)}
+
+
+def materialise_vlm_best(config: Any, paths: Mapping[str, str], num_layers: int, genome: Any, store: Any) -> str:
+    """Write the best genome's VLM (recipe.yaml + mergekit.yaml beside it) as ``best/``."""
+    import yaml
+
+    from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
+    from evomerge_core.spaces import build_space
+
+    recipe = build_space(config, num_layers=num_layers).decode(genome)
+    with tempfile.TemporaryDirectory(prefix="evomerge-best-") as tmp:
+        out = merge_vlm_to_dir(recipe, {k: Path(v) for k, v in paths.items()}, Path(tmp) / "best", vlm=config.vlm,
+                               dtype=config.output.dtype or config.runtime.dtype)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
+        (out / "mergekit.yaml").write_text(to_mergekit_yaml(recipe))
+        store.put_dir(out, "best")
+    return store.url("best")
