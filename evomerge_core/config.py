@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge_core.errors import ConfigError, UsageError
 from evomerge_core.merge.recipe import ParamValue
+from evomerge_core.runners import TaskRunnerConfig
 from evomerge_core.spaces.dfs import DFSSpaceConfig
 
 DEFAULT_STORAGE = "file://./runs"
@@ -199,6 +200,25 @@ class RuntimeConfig(_Strict):
     device: str = "cpu"
     dtype: str = "float32"
     torch_threads: int | None = Field(default=None, ge=1)
+    # Where candidates run (Prefect's default runner or Dask workers); never changes results,
+    # so it is left out of the config hash and candidate keys (evomerge_core.runners).
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
+
+    @model_validator(mode="after")
+    def _runner_fits_device(self) -> RuntimeConfig:
+        try:
+            self.task_runner.check_device(self.device)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_runner(self, handler: Any) -> Any:
+        # Configs without scale-out settings dump (and hash) exactly as before they existed.
+        data = handler(self)
+        if isinstance(data, dict) and self.task_runner.is_default:
+            data.pop("task_runner", None)
+        return data
 
 
 class PublishConfig(_Strict):
@@ -309,7 +329,8 @@ class RunConfig(_Strict):
 
     def config_hash(self) -> str:
         """A stable hash of everything that changes results (not the run key or storage)."""
-        payload = self.model_dump(mode="json", exclude={"run_key", "storage", "storage_options", "output"})
+        payload = self.model_dump(mode="json", exclude={"run_key": True, "storage": True, "storage_options": True,
+                                                          "output": True, "runtime": {"task_runner"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def generations(self, popsize: int) -> int:

@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 # What a resume may change: the budget (more generations or evaluations), and how the storage
 # URL is spelled (the run was found there, so it is the same place).
-ALLOWED_CHANGES = frozenset({"optimizer.generations", "optimizer.evaluations", "storage"})
+ALLOWED_CHANGES = frozenset({"optimizer.generations", "optimizer.evaluations", "storage", "runtime.task_runner"})
 LEASE_TTL_ENV = "EVOMERGE_LEASE_TTL_S"
 RETRY_ENV = "EVOMERGE_STORAGE_RETRY_S"
 DEFAULT_LEASE_TTL_S = 600.0
@@ -103,7 +103,8 @@ def with_retries(fn: Callable[[], T], what: str, budget_s: float | None = None) 
 # Candidate cache keys -----------------------------------------------------------------------
 def evaluation_config(config: RunConfig) -> dict[str, Any]:
     """What, besides the genome and the sources, decides a candidate's fitness."""
-    return config.model_dump(mode="json", include={"space", "fitness", "runtime"})
+    return config.model_dump(mode="json", include={"space", "fitness", "runtime"},
+                             exclude={"runtime": {"task_runner"}})  # where it runs: no effect on fitness
 
 
 def source_revisions(paths: dict[str, str]) -> dict[str, str]:

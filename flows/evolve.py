@@ -30,6 +30,7 @@ from evomerge.tasks.evolve import (
     resolve_sources,
     write_result,
 )
+from evomerge.flows.runners import candidate_runner, map_candidates
 from evomerge_core import evolution
 from evomerge_core.config import RunConfig, parse_run_config
 from evomerge_core.resume import Run, candidate_keys, open_run
@@ -51,7 +52,8 @@ def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> di
     config = cfg.model_dump(mode="json")
     run = open_run(cfg, resume=resume, owner=_lease_owner())
     try:
-        return _search(cfg, config, run)
+        with candidate_runner(cfg.runtime):  # Prefect's default runner or Dask workers (runtime.task_runner)
+            return _search(cfg, config, run)
     finally:
         run.close()
 
@@ -133,8 +135,9 @@ def _evaluate(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], g
     ]
     todo = [i for i, r in enumerate(records) if r is None]
     if todo:
-        futures = merge_and_evaluate.map(unmapped(config), unmapped(sources["paths"]), [genomes[i] for i in todo],
-                                         generation=unmapped(generation), index=todo, key=[keys[i] for i in todo])
+        futures = map_candidates(merge_and_evaluate, unmapped(config), unmapped(sources["paths"]),
+                                 [genomes[i] for i in todo], generation=unmapped(generation), index=todo,
+                                 key=[keys[i] for i in todo])
         for i, future in zip(todo, futures):
             records[i] = future.result()
     reused = len(genomes) - len(todo)
