@@ -30,6 +30,7 @@ from evomerge.tasks.evolve import (
     resolve_sources,
     write_result,
 )
+from evomerge.flows.monitoring import RunMonitor
 from evomerge.flows.runners import candidate_runner, map_candidates
 from evomerge_core import evolution
 from evomerge_core.config import RunConfig, parse_run_config
@@ -87,6 +88,7 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
         print(f"resuming from generation {state.next_generation + 1}/{total}: {len(history)} evaluations "
               f"restored from checkpoints{damaged}", flush=True)
     counts = {"new": 0, "reused": 0}
+    monitor = RunMonitor(cfg.effective_run_key(), total, done=state.next_generation)  # UI artifacts
     for generation in range(state.next_generation, total):
         started = time.perf_counter()
         genomes = optimizer.ask()
@@ -104,6 +106,7 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
         run.lease.renew()
         checkpoint(config, generation, records, optimizer.state_dict(), summary, best.record, len(history))
         print(evolution.progress_line(summary, total, best.record["fitness"] if best.record else None), flush=True)
+        monitor.generation(records, summaries, best.record)
     first_error = next((r["error"] for r in history if r.get("error")), None)
     top = best.require(len(history), first_error)
     test = None
@@ -114,6 +117,7 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
         best_url = materialise_best(config, sources["paths"], sources["num_layers"], top["genome"])
     result = evolution.build_result(cfg, space, top, history, summaries, test, best_url)
     url = write_result(config, result)
+    monitor.finished(store.url("report/fitness.png") if cfg.output.report else None)
     print(f"evaluations: {counts['new']} new, {counts['reused']} reused from the run store, "
           f"{len(state.history)} restored from checkpoints", flush=True)
     print(f"best fitness {top['fitness']:.4f} (generation {top['generation'] + 1}, candidate {top['index']}); "
