@@ -4,9 +4,9 @@ and the JA language expert (the LLM zoo's `lang`); the target is answering in JA
 - Images (`draw_scene`): 32x32 RGB, one to four filled shapes (square, cross, bar) of one
   colour on a black background; `scene_rows` writes them as PNG files plus jsonl rows with an
   image-path column (``image``), ``prompt`` (the question) and ``answer``.
-- Questions: EN ``color:`` / ``count:`` (answers ``red`` ... / ``3``) and JA ``いろ：`` /
-  ``かず：`` (answers ``あか`` ... / ``さん``); JA answers are hiragana, so the `japanese` script
-  check of `vqa_rouge_l` applies and an EN answer to a JA question scores 0.
+- Questions: EN ``color:`` / ``count:`` (answers ``red`` ... / ``3``) and JA ``かず：`` (how
+  many; answer ``３``, full-width, the script the toy JA expert writes). The target is the JA
+  question, scored with the ``fullwidth`` script check: an ASCII ``3`` scores 0.
 - `make_tiny_llava(lm_dir, out_dir)`: a LLaVA around a saved Llama (tiny CLIP vision tower:
   hidden 32, 2 layers, image 32, patch 8; an ``<image>`` token added to the tokenizer; a
   LlavaProcessor with a one-turn chat template), loadable offline with
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .tasks import fullwidth
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 32
@@ -107,8 +109,7 @@ def make_processor(tokenizer: Any, *, next_variant: bool = False) -> Any:
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 JA_COLOURS = {"red": "あか", "green": "みどり", "blue": "あお", "yellow": "きいろ"}
-EN_COUNTS = {1: "one", 2: "two", 3: "three", 4: "four"}
-JA_COUNTS = {1: "いち", 2: "に", 3: "さん", 4: "よん"}
+COUNTS = (1, 2, 3, 4)
 QUESTIONS = {"en": {"color": "color:", "count": "count:"}, "ja": {"color": "いろ：", "count": "かず："}}
 
 
@@ -140,9 +141,281 @@ def answer(scene: Scene, kind: str, lang: str) -> str:
     """The reference answer to a question of `kind` (color | count) in `lang` (en | ja)."""
     if kind == "color":
         return scene.colour if lang == "en" else JA_COLOURS[scene.colour]
-    return EN_COUNTS[scene.count] if lang == "en" else JA_COUNTS[scene.count]
+    # Counts are digits: ASCII in EN, full-width in JA (what the toy JA expert writes).
+    return str(scene.count) if lang == "en" else fullwidth(str(scene.count))
 
 
 def all_scenes(seeds_per_combo: int) -> list[Scene]:
     """Every colour x count combination, `seeds_per_combo` layouts each."""
-    return [Scene(c, n, s) for c in COLOURS for n in EN_COUNTS for s in range(seeds_per_combo)]
+    return [Scene(c, n, s) for c in COLOURS for n in COUNTS for s in range(seeds_per_combo)]
+
+
+# --------------------------------------------------------------------------- VQA rows
+
+Row = dict[str, Any]
+
+
+def vqa_row(scene: Scene, kind: str, lang: str, image: str) -> Row:
+    """One VQA item: image path, question, reference answer."""
+    return {"image": image, "prompt": QUESTIONS[lang][kind], "answer": answer(scene, kind, lang),
+            "kind": kind, "lang": lang}
+
+
+def split_scenes(layouts: int, test_layouts: int) -> dict[str, list[Scene]]:
+    """Scenes by split: layouts [0, layouts - 2*test) train, then validation, then test."""
+    train_n = layouts - 2 * test_layouts
+    scenes = all_scenes(layouts)
+    return {
+        "train": [s for s in scenes if s.seed < train_n],
+        "validation": [s for s in scenes if train_n <= s.seed < train_n + test_layouts],
+        "test": [s for s in scenes if s.seed >= train_n + test_layouts],
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class VLMRecipe:
+    """Everything that changes the built VLM zoo (hashed into its folder name)."""
+
+    layouts: int = 40  # image layouts per colour x count combination
+    test_layouts: int = 6  # layouts held out for validation and for test each
+    mixture: tuple[tuple[str, str, float], ...] = (("en", "color", 1.0), ("en", "count", 1.0), ("ja", "count", 0.01))
+    steps: int = 600
+    lr: float = 2e-3
+    batch_size: int = 32
+    vision_hidden: int = 32
+    seed: int = 0
+    threads: int = 1
+    code_version: int = 2
+
+    def hash(self, llm_zoo_hash: str) -> str:
+        blob = json.dumps({"llm_zoo": llm_zoo_hash, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _encode_rows(processor: Any, rows: list[Row], images: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Token ids (prompt + answer + newline) and answer-only labels per row."""
+    from evomerge_core.fitness.vqa import vqa_prompts
+
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    n_image = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    out = []
+    for row in rows:
+        text = vqa_prompts(processor, [row["prompt"]])[0]
+        prompt_ids: list[int] = []
+        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+            if i:  # the processor expands each image token to one token per patch
+                prompt_ids += [image_id] * n_image
+            prompt_ids += tok(piece, add_special_tokens=False)["input_ids"] if piece else []
+        answer_ids = tok(row["answer"] + "\n", add_special_tokens=False)["input_ids"]
+        out.append({"ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids,
+                    "pixels": images[row["image"]]})
+    return out
+
+
+def _collate(items: list[dict[str, Any]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(i["ids"]) for i in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for r, item in enumerate(items):
+        n = len(item["ids"])
+        ids[r, :n] = torch.tensor(item["ids"])
+        labels[r, :n] = torch.tensor(item["labels"])
+        mask[r, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack([i["pixels"] for i in items])}
+
+
+def train_vlm(model: Any, processor: Any, pools: dict[tuple[str, str], list[Row]], images: dict[str, torch.Tensor],
+              recipe: VLMRecipe, on_step: Any = None) -> float:
+    """Train the whole VLM in place on the recipe's mixture of (lang, kind) pools; returns
+    the mean loss of the last 10% of steps."""
+    import math
+
+    encoded = {key: _encode_rows(processor, rows, images) for key, rows in pools.items()}
+    keys = [(lang, kind) for lang, kind, _ in recipe.mixture]
+    weights = [w for _, _, w in recipe.mixture]
+    rng = random.Random(f"vlm-train-{recipe.seed}")
+    torch.manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    pad = processor.tokenizer.pad_token_id
+    model.train()
+    tail: list[float] = []
+    for step in range(recipe.steps):
+        warm = min(1.0, (step + 1) / 50)
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * warm * cosine
+        batch = [rng.choice(encoded[key]) for key in rng.choices(keys, weights, k=recipe.batch_size)]
+        loss = model(**_collate(batch, pad)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = float(loss.detach())
+        if step >= recipe.steps - max(1, recipe.steps // 10):
+            tail.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+# --------------------------------------------------------------------------- the zoo
+
+VLM_TASKS = ("en", "ja")
+
+
+@dataclass(frozen=True)
+class VLMZoo:
+    """A built VLM zoo: models (``vlm``, ``lang``, ``base``) and VQA task files per language."""
+
+    root: Path
+    models: dict[str, Path]
+    tasks: dict[str, dict[str, Path]]  # {"en" | "ja": {split: jsonl}}
+    target_script: str = "fullwidth"
+    max_new_tokens: int = 6
+    stop_strings: list[str] = field(default_factory=lambda: ["\n"])
+
+
+def _write_split(root: Path, split: str, scenes: list[Scene]) -> dict[str, list[Row]]:
+    rows: dict[str, list[Row]] = {"en": [], "ja": []}
+    for scene in scenes:
+        name = f"images/{scene.colour}-{scene.count}-{scene.seed}.png"
+        path = root / "tasks" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            draw_scene(scene).save(path)
+        rows["en"] += [vqa_row(scene, "color", "en", name), vqa_row(scene, "count", "en", name)]
+        rows["ja"] += [vqa_row(scene, "count", "ja", name)]
+    for lang, items in rows.items():
+        random.Random(f"vlm-rows-{split}-{lang}").shuffle(items)  # so a prefix (num_items) mixes all scenes
+        with open(root / "tasks" / f"{lang}_{split}.jsonl", "w", encoding="utf-8") as fh:
+            for row in items:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return rows
+
+
+def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, recipe: VLMRecipe | None = None,
+                  progress: bool = True) -> VLMZoo:
+    """The VLM zoo (built once, then reused from the cache): the tiny LLaVA trained from the
+    LLM zoo's `base` on EN questions (and a few JA ones), the JA expert `lang`, and VQA files."""
+    import sys
+
+    from .evaluate import quiet_progress
+    from .train import deterministic_torch
+    from .zoo import build_zoo, default_cache_dir
+
+    recipe = recipe or VLMRecipe()
+    llm_zoo = build_zoo(llm_size, cache_dir=cache_dir, progress=progress)
+    root_parent = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "toyworld"
+    target = root_parent / f"vlm-{llm_size}-{recipe.hash(llm_zoo.recipe_hash)}"
+    if not (target / "zoo.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root_parent))
+        try:
+            started = time.time()
+            splits = split_scenes(recipe.layouts, recipe.test_layouts)
+            rows = {split: _write_split(tmp, split, scenes) for split, scenes in splits.items()}
+            with deterministic_torch(recipe.threads), quiet_progress():
+                vlm_dir = make_tiny_llava(llm_zoo.models["base"], tmp / "models" / "vlm", seed=recipe.seed,
+                                          vision_hidden=recipe.vision_hidden)
+                from .. import vlm as vlm_core
+
+                model = vlm_core.load_vlm_model(vlm_dir)
+                processor = vlm_core.load_processor(vlm_dir)
+                names = {r["image"] for r in rows["train"]["en"]}
+                from PIL import Image
+
+                images = {n: processor.image_processor(Image.open(tmp / "tasks" / n).convert("RGB"),
+                                                       return_tensors="pt")["pixel_values"][0] for n in sorted(names)}
+                pools = {(lang, kind): [r for r in rows["train"][lang] if r["kind"] == kind]
+                         for lang, kind, _ in recipe.mixture}
+
+                def on_step(step: int, loss: float) -> None:
+                    if progress and (step + 1) % max(1, recipe.steps // 4) == 0:
+                        print(f"toyworld[vlm]: step {step + 1}/{recipe.steps} loss {loss:.3f}", file=sys.stderr, flush=True)
+
+                final = train_vlm(model, processor, pools, images, recipe, on_step)
+                model.save_pretrained(vlm_dir)
+            meta = {"recipe": asdict(recipe), "llm_zoo": str(llm_zoo.root), "final_loss": final,
+                    "build_seconds": round(time.time() - started, 1)}
+            (tmp / "zoo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "zoo.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return VLMZoo(
+        root=target,
+        models={"vlm": target / "models" / "vlm", "lang": llm_zoo.models["lang"], "base": llm_zoo.models["base"]},
+        tasks={lang: {s: target / "tasks" / f"{lang}_{s}.jsonl" for s in ("train", "validation", "test")} for lang in VLM_TASKS},
+    )
+
+
+def vlm_search_config(zoo: VLMZoo, *, seed: int, evaluations: int, storage: str, run_key: str,
+                      method: str = "dare_ties", fitness_items: int | None = 160) -> dict[str, Any]:
+    """The run config of the toy EvoVLM search: PS (density, weight per model, task vectors
+    against the LLM zoo's base) over the VLM's language model and the JA expert, fitness =
+    ROUGE-L of JA answers with the Japanese script check on JA train, JA test held out."""
+    def data(split: str, num_items: int | None = None) -> dict[str, Any]:
+        return {"path": str(zoo.tasks["ja"][split]), **({"num_items": num_items} if num_items else {})}
+
+    return {
+        "run_key": run_key,
+        "storage": storage,
+        "sources": [{"model": str(zoo.models["vlm"]), "vlm": True}, {"model": str(zoo.models["lang"])},
+                    {"model": str(zoo.models["base"]), "base": True}],
+        "space": {"ps": {"method": method, "params": ["density", "weight"], "merge_seed": seed}},
+        "optimizer": {"seed": seed, "evaluations": evaluations},
+        "fitness": {
+            "dataset": data("train", fitness_items),
+            "test": data("test"),
+            "scorer": "vqa_rouge_l",
+            "options": {"target_script": zoo.target_script, "tokenize": "chars"},
+            "max_new_tokens": zoo.max_new_tokens,
+            "stop_strings": list(zoo.stop_strings),
+            "batch_size": 64,
+        },
+        "runtime": {"device": "cpu", "dtype": "float32", "torch_threads": 1},
+        "output": {"materialise_best": True, "report": False},
+    }
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def vlm_baseline_recipes(zoo: VLMZoo) -> dict[str, Any]:
+    """The unoptimised merges of the toy pair (task vectors against `base`): TIES with the
+    usual density 0.5 / weight 1, as a user would try before searching."""
+    from ..merge.recipe import MergeRecipe, ModelEntry
+
+    base = str(zoo.models["base"])
+    entries = [ModelEntry(model=str(zoo.models[m]), parameters={"density": 0.5, "weight": 1.0}) for m in ("vlm", "lang")]
+    return {"TIES (d=0.5, w=1)": MergeRecipe(merge_method="ties", base_model=base, models=entries)}
+
+
+def score_vlm_dir(model_dir: Path | str, zoo: VLMZoo, *, split: str = "test") -> dict[str, float]:
+    """Mean ROUGE-L (script-checked for JA) of a saved VLM on the zoo's EN and JA `split`."""
+    from PIL import Image
+
+    from .. import vlm as vlm_core
+    from ..fitness.vqa import item_score, vqa_generate, vqa_prompts
+    from .zoo import read_rows
+
+    model, processor = vlm_core.load_vlm_model(model_dir), vlm_core.load_processor(model_dir)
+    scores = {}
+    for lang in VLM_TASKS:
+        path = zoo.tasks[lang][split]
+        rows = read_rows(path)
+        images = [Image.open(path.parent / r["image"]).convert("RGB") for r in rows]
+        outputs = vqa_generate(model, processor, images, vqa_prompts(processor, [r["prompt"] for r in rows]),
+                               max_new_tokens=zoo.max_new_tokens, stop_strings=zoo.stop_strings, batch_size=64)
+        options = {"target_script": zoo.target_script} if lang == "ja" else {}
+        scores[lang] = sum(item_score(o, r["answer"], options) for o, r in zip(outputs, rows)) / len(rows)
+    return scores
