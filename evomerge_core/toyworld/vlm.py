@@ -416,6 +416,7 @@ def score_vlm_dir(model_dir: Path | str, zoo: VLMZoo, *, split: str = "test") ->
         images = [Image.open(path.parent / r["image"]).convert("RGB") for r in rows]
         outputs = vqa_generate(model, processor, images, vqa_prompts(processor, [r["prompt"] for r in rows]),
                                max_new_tokens=zoo.max_new_tokens, stop_strings=zoo.stop_strings, batch_size=64)
-        options = {"target_script": zoo.target_script} if lang == "ja" else {}
+        # The search's scoring: JA by characters with the script check (vlm_search_config).
+        options = {"target_script": zoo.target_script, "tokenize": "chars"} if lang == "ja" else {}
         scores[lang] = sum(item_score(o, r["answer"], options) for o, r in zip(outputs, rows)) / len(rows)
     return scores
