@@ -62,8 +62,7 @@ PIDS+=($!)
 "$BIN/prefect" deployment run evolve-config/evolve --param "config_path=$WORK/run.yaml" --param run_key=deploy-check \
   --watch --watch-timeout 300 | tail -n 5
 "$BIN/python" - "$WORK" <<'PY'
-import json, sys
-from pathlib import Path
+import sys
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 with get_client(sync_client=True) as client:
@@ -71,7 +70,8 @@ with get_client(sync_client=True) as client:
     assert len(runs) == 1 and runs[0].state.is_completed(), [(r.name, r.state) for r in runs]
     parent = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["evolve-config-deploy-check"])))
     assert len(parent) == 1 and parent[0].deployment_id is not None and parent[0].state.is_completed()
-result = json.loads((Path(sys.argv[1]) / "runs/deploy-check/result.json").read_text())
+from evomerge_core.runstore import RunStore
+result = RunStore(f"file://{sys.argv[1]}/runs", "deploy-check").read_json("result.json")
 assert len(result["history"]) == 8, len(result["history"])
 print(f"check_deployment: OK: deployment run completed on a process worker; best fitness {result['best_fitness']:.4f}")
 PY

@@ -1,0 +1,90 @@
+"""Browser check of the UI monitoring: with the local stack running (`infra/local_stack.sh
+start`), run a short toy-world evolution against it (candidates on the stack's Dask workers),
+then open the flow run's Artifacts tab in headless Chromium and save a screenshot.
+
+    infra/local_stack.sh start
+    python benchmarks/ui_screenshot.py [--out docs/img/ui-artifacts.png] [--base-port 4200]
+    infra/local_stack.sh stop
+
+Exits non-zero when the run fails, Chromium is missing, or the screenshot is not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_evolution(api: str, dask: str, storage: str, run_key: str) -> str:
+    """A 3-generation micro toy-world PS search; returns the flow run id."""
+    import yaml
+
+    from evomerge_core.toyworld.demo import search_config
+    from evomerge_core.toyworld.zoo import build_zoo
+
+    cfg = search_config(build_zoo("micro", progress=False), seed=0, evaluations=24, storage=storage, run_key=run_key)
+    cfg["optimizer"] = {**cfg["optimizer"], "popsize": 8}
+    cfg["fitness"] = {**cfg["fitness"], "test": None}
+    cfg["runtime"] = {**cfg["runtime"], "torch_threads": 1, "task_runner": {"kind": "dask", "address": dask}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "PREFECT_API_URL": api}
+        subprocess.run([sys.executable, "-m", "evomerge.flows.cli", "evolve", str(path), "--no-resume"], env=env,
+                       check=True, timeout=900)
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with SyncPrefectClient(api) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"evolve-{run_key}"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+    if not runs or not runs[0].state.is_completed():
+        raise SystemExit(f"the flow run evolve-{run_key} did not complete: {runs[0].state if runs else 'not found'}")
+    return str(runs[0].id)
+
+
+def screenshot(url: str, out: Path, wait_ms: int) -> None:
+    """Headless Chromium screenshot of `url` (no network beyond loopback, throwaway profile)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise SystemExit("Chromium is not installed (Debian: apt-get install -y chromium)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="evomerge-chromium-") as profile:
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+               f"--user-data-dir={profile}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}",
+               "--window-size=1400,1000", url]
+        subprocess.run(cmd, check=True, timeout=180, capture_output=True)
+    if not out.is_file() or out.stat().st_size < 10_000:
+        raise SystemExit(f"no usable screenshot at {out}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("EVOMERGE_STACK_BASE_PORT", 4200)))
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "ui-artifacts.png")
+    parser.add_argument("--storage", default=None, help="run store (default: a temp dir)")
+    parser.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to render")
+    args = parser.parse_args()
+    api = f"http://127.0.0.1:{args.base_port}/api"
+    dask = f"tcp://127.0.0.1:{args.base_port + 1}"
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = args.storage or f"file://{tmp}/runs"
+        run_id = run_evolution(api, dask, storage, run_key=f"ui-check-{int(time.time())}")
+    url = f"http://127.0.0.1:{args.base_port}/runs/flow-run/{run_id}?tab=Artifacts"
+    screenshot(url, args.out, args.wait_ms)
+    print(f"screenshot of {url} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
