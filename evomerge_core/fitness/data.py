@@ -53,7 +53,9 @@ def load_items(spec: DatasetSpec, *, where: str = "fitness.dataset", required: t
     except ConfigError:
         raise
     except Exception as exc:  # datasets raises many types; name the dataset and the cause
-        raise ConfigError(f"{where}: cannot load dataset {spec.path!r} (split {spec.split!r}): {type(exc).__name__}: {exc}") from None
+        cause = exc.__cause__ or exc.__context__  # e.g. the JSON parse error behind DatasetGenerationError
+        detail = f"{type(exc).__name__}: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause is not None else "")
+        raise ConfigError(f"{where}: cannot load dataset {spec.path!r} (split {spec.split!r}): {detail}") from None
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
@@ -78,6 +80,10 @@ def load_items(spec: DatasetSpec, *, where: str = "fitness.dataset", required: t
         if name not in rows[0]:
             mapped = f" (mapped from {spec.columns[name]!r})" if name in spec.columns else ""
             raise ConfigError(f"{where}: column {name!r}{mapped} is missing; dataset has {columns}; map one with {where}.columns.{name}")
+    for i, row in enumerate(rows):
+        empty = [name for name in needed if row.get(name) is None]
+        if empty:
+            raise ConfigError(f"{where}: row {i} of dataset {spec.path!r} has no value (null) for {empty[0]!r}; fill in or drop that row")
     return rows
 
 

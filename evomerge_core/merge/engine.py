@@ -144,6 +144,12 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise MergeError(f"output path {out_dir} exists and is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise MergeError(f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another directory")
+    ancestor = out_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
+        raise MergeError(f"cannot create output directory {out_dir}: {ancestor} {what}; choose another path")
 
 
 def _out_dtype(recipe: MergeRecipe, dtype: str | None, source_dtype: torch.dtype) -> torch.dtype:
@@ -189,8 +195,11 @@ def merge_to_dir(
         PlannedTensor(n, out_dtype if info.tensor_dtypes[n].is_floating_point else info.tensor_dtypes[n], shape)  # type: ignore[union-attr]
         for n, shape in info.tensor_shapes.items()
     ]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise MergeError(f"cannot create output directory {out_dir} ({exc.strerror or exc}); choose a writable path") from None
     writer = ShardedWriter(tmp, planned, shard_size)
     try:
         bar = _progress(len(planned), progress)
