@@ -49,3 +49,23 @@ def preflight(config) -> None:
     from evomerge_core.evaluate import preflight_run
 
     preflight_run(config)
+    check_local_sources(config)
+
+
+def check_local_sources(config) -> None:
+    """A source given as a local path (or file:// URL) must be an existing directory; Hub ids
+    and remote URLs are checked when the flow fetches them."""
+    from pathlib import Path
+
+    from evomerge_core.errors import SourceError
+    from evomerge_core.sources import HUB_ID_RE
+
+    refs = [s.model for s in config.sources]
+    for stage in config.stages or []:
+        refs += [s.get("model") for s in stage.sources or [] if isinstance(s, dict)]
+    for ref in refs:
+        if not isinstance(ref, str) or ref.startswith("@") or ("://" in ref and not ref.startswith("file://")):
+            continue
+        path = Path(ref.removeprefix("file://")).expanduser()
+        if not path.is_dir() and (ref.startswith(("file://", ".", "/", "~")) or path.exists() or not HUB_ID_RE.match(ref)):
+            raise SourceError(f"source model {ref!r} is not an existing directory or a Hub id (org/name[@revision]); check the path")

@@ -208,7 +208,8 @@ def _unwritable_storage(c: Ctx) -> list[str]:
     blocker = c.tmp / "a-file"
     blocker.write_text("not a directory")
     c.out = blocker
-    config = _run_config(c, storage=f"file://{blocker}/runs")
+    config = _run_config(c, storage=f"file://{blocker}/runs",
+                         sources=[{"model": str(c.family["base"]), "base": True}, {"model": str(c.family["ft1"])}])
     return ["evolve", _yaml(c.tmp / "run.yaml", config)]
 
 
@@ -264,6 +265,7 @@ CASES: dict[str, tuple[Callable[..., list[str]], int, str]] = {
     "config-missing-file": (lambda c: ["evolve", str(c.tmp / "nope.yaml")], 2, "does not exist"),
     "config-bad-run-key": (lambda c: _evolve(c, None, "--run-key", "../escape"), 2, "run_key"),
     # sources
+    "source-evolve-missing-dir": (lambda c: _evolve(c), 2, "is not an existing directory or a Hub id"),
     "source-missing-dir": (lambda c: _with_model(c, c.tmp / "does-not-exist"), 2, "not an existing directory"),
     "source-hub-offline": (lambda c: _offline(c, "no-such-org/no-such-model"), 2, "cannot download no-such-org/no-such-model"),
     "source-revision-offline": (lambda c: _offline(c, "no-such-org/no-such-model@v9"), 2, "cannot download no-such-org/no-such-model@v9"),
