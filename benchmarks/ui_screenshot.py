@@ -1,9 +1,12 @@
 """Browser check of the UI monitoring: with the local stack running (`infra/local_stack.sh
 start`), run a short toy-world evolution against it (candidates on the stack's Dask workers),
-then open the flow run's Artifacts tab in headless Chromium and save a screenshot.
+then open in headless Chromium the flow run page (docs/img/ui-flow-run.png), the run's latest
+candidate table artifact (docs/img/ui-artifacts.png) and its best-recipe markdown artifact
+(docs/img/ui-best.png). (The flow run page opens on its Logs tab: a URL cannot select the
+Artifacts tab, so the artifacts are shot on their own pages, which link back to the run.)
 
     infra/local_stack.sh start
-    python benchmarks/ui_screenshot.py [--out docs/img/ui-artifacts.png] [--base-port 4200]
+    python benchmarks/ui_screenshot.py [--out-dir docs/img] [--base-port 4200] [--flow-run-id ID]
     infra/local_stack.sh stop
 
 Exits non-zero when the run fails, Chromium is missing, or the screenshot is not written.
@@ -68,21 +71,43 @@ def screenshot(url: str, out: Path, wait_ms: int) -> None:
         raise SystemExit(f"no usable screenshot at {out}")
 
 
+def latest_artifact(api: str, run_id: str, key_suffix: str) -> str:
+    """The id of the flow run's newest artifact whose key ends with `key_suffix`."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with SyncPrefectClient(api) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)])))
+    found = sorted((a for a in arts if (a.key or "").endswith(key_suffix)), key=lambda a: a.created)
+    if not found:
+        raise SystemExit(f"flow run {run_id} has no artifact *{key_suffix}")
+    return str(found[-1].id)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("EVOMERGE_STACK_BASE_PORT", 4200)))
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "ui-artifacts.png")
-    parser.add_argument("--storage", default=None, help="run store (default: a temp dir)")
-    parser.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to render")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "img")
+    parser.add_argument("--flow-run-id", help="shoot this flow run instead of running a new evolution")
+    parser.add_argument("--wait-ms", type=int, default=30000, help="virtual time each page gets to render")
     args = parser.parse_args()
-    api = f"http://127.0.0.1:{args.base_port}/api"
-    dask = f"tcp://127.0.0.1:{args.base_port + 1}"
-    with tempfile.TemporaryDirectory() as tmp:
-        storage = args.storage or f"file://{tmp}/runs"
-        run_id = run_evolution(api, dask, storage, run_key=f"ui-check-{int(time.time())}")
-    url = f"http://127.0.0.1:{args.base_port}/runs/flow-run/{run_id}?tab=Artifacts"
-    screenshot(url, args.out, args.wait_ms)
-    print(f"screenshot of {url} -> {args.out}")
+    ui = f"http://127.0.0.1:{args.base_port}"
+    api = f"{ui}/api"
+    run_id = args.flow_run_id
+    if run_id is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_id = run_evolution(api, f"tcp://127.0.0.1:{args.base_port + 1}", f"file://{tmp}/runs",
+                                   run_key=f"ui-check-{int(time.time())}")
+    pages = {
+        "ui-flow-run.png": f"{ui}/runs/flow-run/{run_id}",
+        "ui-artifacts.png": f"{ui}/artifacts/artifact/{latest_artifact(api, run_id, '-candidates')}",
+        "ui-best.png": f"{ui}/artifacts/artifact/{latest_artifact(api, run_id, '-best')}",
+    }
+    for name, url in pages.items():
+        screenshot(url, args.out_dir / name, args.wait_ms)
+        print(f"screenshot of {url} -> {args.out_dir / name}")
     return 0
 
 

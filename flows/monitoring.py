@@ -56,23 +56,20 @@ def bar(value: float, low: float, high: float, width: int = CHART_WIDTH) -> str:
 
 
 def fitness_chart(summaries: Sequence[dict[str, Any]]) -> str:
-    """A markdown table of best / mean / best-so-far fitness per generation with a bar per row."""
-    lines = ["| generation | best | mean | best so far | |", "|---:|---:|---:|---:|:---|"]
+    """A markdown table of best / mean / best-so-far fitness per generation, with a bar for each
+    generation's best (scaled between the lowest and highest generation best)."""
+    lines = ["| generation | best | mean | best so far | best of generation |", "|---:|---:|---:|---:|:---|"]
+    bests = [s.get("best_fitness") for s in summaries]
+    known = [b for b in bests if b is not None]
+    low, high = (min(known), max(known)) if known else (0.0, 1.0)
+    if high > low:  # leave room so the lowest bar is visible
+        low -= (high - low) * 0.1
     so_far: float | None = None
-    values = []
-    for s in summaries:
-        best = s.get("best_fitness")
+    for s, best in zip(summaries, bests):
         if best is not None:
             so_far = best if so_far is None else max(so_far, best)
-        values.append((s, so_far))
-    known = [v for _, v in values if v is not None]
-    low, high = (min(known), max(known)) if known else (0.0, 1.0)
-    if high > low:  # leave room so the first bar is visible
-        low -= (high - low) * 0.1
-    for s, best_so_far in values:
-        chart = bar(best_so_far, low, high) if best_so_far is not None else ""
-        lines.append(f"| {s['generation'] + 1} | {_fmt(s.get('best_fitness'))} | {_fmt(s.get('mean_fitness'))} | "
-                     f"{_fmt(best_so_far)} | `{chart}` |")
+        chart = f"`{bar(best, low, high)}`" if best is not None else "failed"
+        lines.append(f"| {s['generation'] + 1} | {_fmt(best)} | {_fmt(s.get('mean_fitness'))} | {_fmt(so_far)} | {chart} |")
     return "\n".join(lines)
 
 

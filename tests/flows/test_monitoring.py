@@ -36,8 +36,9 @@ def test_fitness_chart_tracks_best_so_far_and_failed_generations():
     rows = chart.splitlines()[2:]
     assert [r.split("|")[4].strip() for r in rows] == ["-2.0000", "-2.0000", "-1.0000", "-1.0000"]
     assert rows[1].split("|")[2].strip() == "—"
-    bars = [r.split("`")[1] for r in rows]
-    assert len(bars[0]) < len(bars[2]) == len(bars[3])
+    assert rows[1].split("|")[5].strip() == "failed"
+    bars = {i: rows[i].split("`")[1] for i in (0, 2, 3)}
+    assert len(bars[0]) < len(bars[3]) < len(bars[2]) == 24
 
 
 def test_candidate_rows_and_markdown():
