@@ -20,7 +20,8 @@ from .zoo import Zoo
 
 EXPERTS = ("skill_a", "skill_b", "lang")
 TABLE_TASKS = ("union", "skill", "lang", "cross")
-DEFAULT_EVALUATIONS = 288  # 32 generations of the default population (9 for 6 genes)
+DEFAULT_EVALUATIONS = 144  # 16 generations of the default population (9 for 6 genes); 288 is
+# one validation point better (docs/demo-tuning.md) but does not fit the 5-minute demo budget.
 
 
 def search_config(zoo: Zoo, *, seed: int, evaluations: int, storage: str, run_key: str) -> dict[str, Any]:
