@@ -15,7 +15,6 @@ follow the hops. The directory is built in a temporary sibling and renamed at th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import torch
 
 from evomerge_core.dataflow import DecoderFamily, check_pair, scale_tensor
 from evomerge_core.errors import MergeError, SourceError
-from evomerge_core.io import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config
+from evomerge_core.io import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
 from evomerge_core.spaces.dfs import DFSRecipe
 
 RECIPE_FILE = "evomerge_dfs_recipe.yaml"
@@ -96,13 +95,7 @@ def materialise_dfs(
         copy_files(dir_a, tmp, ["generation_config.json"])
         copy_files(dir_a, tmp, TOKENIZER_FILES)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        if out_dir.exists():  # swap: the old directory goes only once the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -323,3 +324,15 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
             shutil.copy2(path, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a fully written `tmp` directory to `out_dir`; an existing `out_dir` is swapped
+    aside first and deleted only once the new one is in place (readers never see a half dir)."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "previous")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

@@ -18,7 +18,6 @@ Adding a family (Qwen2-VL, Idefics, Gemma 3) is one `VLMFamily` entry plus a tes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import torch
 
 from evomerge_core import architectures as arch
 from evomerge_core.errors import MergeError, SourceError
-from evomerge_core.io import AUX_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config
+from evomerge_core.io import AUX_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
 
 LLM_BODY = "model."
 LLM_HEAD = "lm_head."
@@ -410,13 +409,7 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_files(paths[vlm], tmp, [f for f in AUX_FILES if f != "config.json"])
         (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)

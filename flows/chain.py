@@ -24,7 +24,7 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
 
     assert cfg.stages is not None
     config = cfg.model_dump(mode="json")
-    store = evolution.prepare_run(cfg, resume=resume)
+    evolution.prepare_run(cfg, resume=resume)
     key = cfg.effective_run_key()
     best_models: dict[int, str] = {}
     results: list[dict[str, Any]] = []

@@ -22,6 +22,7 @@ import torch
 from evomerge_core.architectures import is_vocab_tensor
 from evomerge_core.errors import MergeError
 from evomerge_core.io import (
+    replace_dir,
     TOKENIZER_FILES,
     LazyModelReader,
     PlannedTensor,
@@ -217,13 +218,7 @@ def merge_to_dir(
         bar.close()
         writer.close()
         _write_aux(recipe, plan, sources, tmp, out_dtype)
-        if out_dir.exists():  # swap: the old directory is only deleted once the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
