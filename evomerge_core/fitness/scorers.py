@@ -13,7 +13,8 @@ from evomerge_core.fitness.registry import ScoreContext
 from evomerge_core.fitness.text import SCRIPTS, answer_number, in_script, last_number, numbers_equal
 
 
-def _check_script_options(options: Mapping[str, Any], allowed: set[str], scorer: str) -> None:
+def check_script_options(options: Mapping[str, Any], allowed: set[str], scorer: str) -> None:
+    """Reject unknown options and bad `target_script` / `script_min_fraction` values."""
     for key in options:
         if key not in allowed:
             raise ConfigError(f"fitness.options: unknown option {key!r} for scorer {scorer!r}; allowed: {sorted(allowed)}")
@@ -49,7 +50,7 @@ def math_accuracy(ctx: ScoreContext) -> float:
 
 math_accuracy.worst_fitness = 0.0  # type: ignore[attr-defined]
 math_accuracy.is_accuracy = True  # type: ignore[attr-defined]
-math_accuracy.check_options = lambda o: _check_script_options(o, {"target_script", "script_min_fraction"}, "math_accuracy")  # type: ignore[attr-defined]
+math_accuracy.check_options = lambda o: check_script_options(o, {"target_script", "script_min_fraction"}, "math_accuracy")  # type: ignore[attr-defined]
 
 
 def _normalise(text: str, ignore_case: bool) -> str:
@@ -72,7 +73,7 @@ def exact_match(ctx: ScoreContext) -> float:
 
 exact_match.worst_fitness = 0.0  # type: ignore[attr-defined]
 exact_match.is_accuracy = True  # type: ignore[attr-defined]
-exact_match.check_options = lambda o: _check_script_options(o, {"ignore_case", "target_script", "script_min_fraction"}, "exact_match")  # type: ignore[attr-defined]
+exact_match.check_options = lambda o: check_script_options(o, {"ignore_case", "target_script", "script_min_fraction"}, "exact_match")  # type: ignore[attr-defined]
 
 
 def answer_logprob(ctx: ScoreContext) -> float:

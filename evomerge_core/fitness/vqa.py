@@ -29,7 +29,8 @@ from typing import Any
 
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.registry import ScoreContext
-from evomerge_core.fitness.text import SCRIPTS, in_script
+from evomerge_core.fitness.scorers import check_script_options
+from evomerge_core.fitness.text import in_script
 
 TOKENIZATIONS = ("auto", "chars", "words")
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -87,15 +88,7 @@ def item_score(output: str, reference: Any, options: Mapping[str, Any]) -> float
 
 
 def _check(options: Mapping[str, Any], allowed: set[str], scorer: str) -> None:
-    for key in options:
-        if key not in allowed:
-            raise ConfigError(f"fitness.options: unknown option {key!r} for scorer {scorer!r}; allowed: {sorted(allowed)}")
-    script = options.get("target_script")
-    if script is not None and script not in SCRIPTS:
-        raise ConfigError(f"fitness.options.target_script: unknown script {script!r}; choose from {', '.join(SCRIPTS)}")
-    frac = options.get("script_min_fraction", 0.5)
-    if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
-        raise ConfigError(f"fitness.options.script_min_fraction must be in (0, 1], got {frac!r}")
+    check_script_options(options, allowed, scorer)
     if options.get("tokenize", "auto") not in TOKENIZATIONS:
         raise ConfigError(f"fitness.options.tokenize: use one of {', '.join(TOKENIZATIONS)}, got {options.get('tokenize')!r}")
 
