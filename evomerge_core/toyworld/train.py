@@ -130,19 +130,36 @@ def train_stage(
     rng = random.Random(f"stage-{stage.seed}")
     torch.manual_seed(stage.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        rows = [sample_row(world, kind, rng) for kind in rng.choices(kinds, weights, k=stage.batch_size)]
+        return _batch(rows, vocab)
+
+    return optimise(model, opt, stage.steps, lambda step: _lr_at(stage, step), next_batch, on_step)
+
+
+def optimise(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    lr_at: Callable[[int], float],
+    next_batch: Callable[[], dict[str, torch.Tensor]],
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """The toy world's training loop (set lr, forward, clip at 1.0, step) for `steps` steps;
+    returns the mean loss of the last 10% of steps and leaves the model in eval mode."""
     model.train()
     tail: list[float] = []
-    for step in range(stage.steps):
+    for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(stage, step)
-        rows = [sample_row(world, kind, rng) for kind in rng.choices(kinds, weights, k=stage.batch_size)]
-        loss = model(**_batch(rows, vocab)).loss
+            group["lr"] = lr_at(step)
+        loss = model(**next_batch()).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         value = float(loss.detach())
-        if step >= stage.steps - max(1, stage.steps // 10):
+        if step >= steps - max(1, steps // 10):
             tail.append(value)
         if on_step is not None:
             on_step(step, value)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from .tasks import fullwidth
+from .train import optimise
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 32
@@ -243,26 +243,16 @@ def train_vlm(model: Any, processor: Any, pools: dict[tuple[str, str], list[Row]
     torch.manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     pad = processor.tokenizer.pad_token_id
-    model.train()
-    tail: list[float] = []
-    for step in range(recipe.steps):
+
+    def lr_at(step: int) -> float:
         warm = min(1.0, (step + 1) / 50)
-        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
-        for group in opt.param_groups:
-            group["lr"] = recipe.lr * warm * cosine
+        return recipe.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
+
+    def next_batch() -> dict[str, torch.Tensor]:
         batch = [rng.choice(encoded[key]) for key in rng.choices(keys, weights, k=recipe.batch_size)]
-        loss = model(**_collate(batch, pad)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        value = float(loss.detach())
-        if step >= recipe.steps - max(1, recipe.steps // 10):
-            tail.append(value)
-        if on_step is not None:
-            on_step(step, value)
-    model.eval()
-    return sum(tail) / len(tail)
+        return _collate(batch, pad)
+
+    return optimise(model, opt, recipe.steps, lr_at, next_batch, on_step)
 
 
 # --------------------------------------------------------------------------- the zoo
@@ -308,7 +298,7 @@ def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, reci
 
     from .evaluate import quiet_progress
     from .train import deterministic_torch
-    from .zoo import build_zoo, default_cache_dir
+    from .zoo import build_zoo, default_cache_dir, publish_build
 
     recipe = recipe or VLMRecipe()
     llm_zoo = build_zoo(llm_size, cache_dir=cache_dir, progress=progress)
@@ -344,11 +334,7 @@ def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, reci
             meta = {"recipe": asdict(recipe), "llm_zoo": str(llm_zoo.root), "final_loss": final,
                     "build_seconds": round(time.time() - started, 1)}
             (tmp / "zoo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not (target / "zoo.json").is_file():
-                    raise
+            publish_build(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return VLMZoo(

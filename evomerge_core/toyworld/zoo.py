@@ -85,12 +85,7 @@ def build_zoo(size: str = "micro", *, cache_dir: Path | None = None, seed: int =
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
             _build_into(tmp, recipe, seed, progress)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not (target / "zoo.json").is_file():
-                    raise
-                # Another process finished the same build first; its files are identical.
+            publish_build(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     elif progress:
@@ -112,6 +107,16 @@ def load_zoo(root: Path) -> Zoo:
         models={name: root / "models" / name for name in MODEL_NAMES},
         tasks={t: {s: root / "tasks" / t / f"{s}.jsonl" for s in SPLITS} for t in TASK_NAMES},
     )
+
+
+def publish_build(tmp: Path, target: Path) -> None:
+    """Rename a finished build (`zoo.json` written last) into place. If another process
+    finished the same build first, its files are identical and the rename is skipped."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "zoo.json").is_file():
+            raise
 
 
 def _recipe(size: str) -> Recipe:
