@@ -216,7 +216,7 @@ class RuntimeConfig(_Strict):
     def _drop_default_runner(self, handler: Any) -> Any:
         # Configs without scale-out settings dump (and hash) exactly as before they existed.
         data = handler(self)
-        if isinstance(data, dict) and self.task_runner.is_default:
+        if isinstance(data, dict) and self.task_runner.is_unset:
             data.pop("task_runner", None)
         return data
 

@@ -17,6 +17,7 @@ Prefect/Dask objects are built in `evomerge.flows.runners`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +42,11 @@ class TaskRunnerConfig(BaseModel):
     address: str | None = None
     # Dask resources each candidate needs; default {GPU: 1} with gpus or a CUDA device.
     candidate_resources: dict[str, float] | None = None
+    # Candidates one Prefect task run evaluates: 1 (a task run per candidate: finest progress and
+    # retries, right for real models) or more / "auto" (a generation split evenly over the
+    # workers) where a candidate takes well under a second and Prefect's per-task-run work
+    # (~0.1-0.3 s) would dominate. Each candidate is still stored in the run store when done.
+    candidates_per_task: int | Literal["auto"] = Field(default=1)
     # Interface local schedulers and workers listen on; loopback unless you mean otherwise.
     host: str = LOOPBACK
     # "HOST:PORT" of the Dask dashboard of a local cluster; none by default.
@@ -57,12 +63,19 @@ class TaskRunnerConfig(BaseModel):
             return [str(v) for v in value]
         return value
 
+    @field_validator("candidates_per_task")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("candidates_per_task must be at least 1 (or \"auto\")")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> TaskRunnerConfig:
         # Checked on values, not on what was written: a dumped config (every field) must validate again.
         given = {name for name in type(self).model_fields if name != "kind" and getattr(self, name) is not None}
         if self.kind == "default":
-            set_fields = sorted(given - {"threads_per_worker", "host"})
+            set_fields = sorted(given - {"threads_per_worker", "host", "candidates_per_task"})
             if set_fields:
                 raise ValueError(f"{set_fields[0]} only applies to kind: dask; set kind: dask or remove it")
             return self
@@ -78,8 +91,23 @@ class TaskRunnerConfig(BaseModel):
 
     @property
     def is_default(self) -> bool:
-        """True for Prefect's default task runner (nothing set)."""
+        """True for Prefect's default task runner (candidates in the flow's process)."""
         return self.kind == "default"
+
+    @property
+    def is_unset(self) -> bool:
+        """True when nothing of this section differs from its defaults."""
+        return self == TaskRunnerConfig()
+
+    def batches(self, count: int, slots: int | None) -> list[range]:
+        """Split `count` candidates into the consecutive batches of one task run each;
+        `slots` is how many candidates run at once (workers; None when unknown)."""
+        if count <= 0:
+            return []
+        size = self.candidates_per_task
+        if size == "auto":
+            size = math.ceil(count / max(slots or 1, 1))
+        return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
     def resources(self, device: str) -> dict[str, float]:
         """The Dask resources each candidate asks for (``{}``: none)."""

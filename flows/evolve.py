@@ -23,6 +23,7 @@ from prefect import flow, unmapped
 
 from evomerge.tasks.evolve import (
     checkpoint,
+    evaluate_candidates,
     evaluate_test,
     evaluate_validation,
     materialise_best,
@@ -31,7 +32,7 @@ from evomerge.tasks.evolve import (
     write_result,
 )
 from evomerge.flows.monitoring import RunMonitor
-from evomerge.flows.runners import candidate_runner, map_candidates
+from evomerge.flows.runners import candidate_runner, candidate_slots, map_candidates
 from evomerge_core import evolution
 from evomerge_core.config import RunConfig, parse_run_config
 from evomerge_core.resume import Run, candidate_keys, open_run
@@ -138,12 +139,21 @@ def _evaluate(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], g
         None if r is None else {**r, "generation": generation, "index": i} for i, r in enumerate(run.cached(keys))
     ]
     todo = [i for i, r in enumerate(records) if r is None]
-    if todo:
+    batches = [[todo[j] for j in b] for b in cfg.runtime.task_runner.batches(len(todo), candidate_slots())]
+    if batches and max(map(len, batches)) == 1:  # a task run per candidate
         futures = map_candidates(merge_and_evaluate, unmapped(config), unmapped(sources["paths"]),
                                  [genomes[i] for i in todo], generation=unmapped(generation), index=todo,
                                  key=[keys[i] for i in todo])
         for i, future in zip(todo, futures):
             records[i] = future.result()
+    elif batches:  # runtime.task_runner.candidates_per_task > 1: a task run per batch
+        futures = map_candidates(evaluate_candidates, unmapped(config), unmapped(sources["paths"]),
+                                 [[genomes[i] for i in b] for b in batches], generation=unmapped(generation),
+                                 indices=batches, keys=[[keys[i] for i in b] for b in batches],
+                                 span=[f"{b[0]}-{b[-1]}" if len(b) > 1 else str(b[0]) for b in batches])
+        for batch, future in zip(batches, futures):
+            for i, record in zip(batch, future.result(), strict=True):
+                records[i] = record
     reused = len(genomes) - len(todo)
     counts["new"] += len(todo)
     counts["reused"] += reused

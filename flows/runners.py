@@ -148,6 +148,19 @@ def candidate_runner(runtime: RuntimeConfig) -> Iterator[None]:
             _ACTIVE.reset(token)
 
 
+def candidate_slots() -> int:
+    """How many candidates run at once on the open runner: its workers on Dask (asked of the
+    scheduler when the cluster is not ours), 1 in the flow's process."""
+    pool = _ACTIVE.get()
+    if pool is None:
+        return 1
+    try:
+        workers = pool.runner.client.scheduler_info().get("workers", {})
+    except Exception:  # an unreachable scheduler fails the mapping itself, with its own message
+        return 1
+    return max(len(workers), 1)
+
+
 class CandidateFuture:
     """A candidate's future whose `result()` turns a lost task into one clear error."""
 

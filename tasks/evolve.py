@@ -31,7 +31,22 @@ def merge_and_evaluate(config: dict[str, Any], paths: dict[str, str], genome: li
                        index: int, key: str | None = None) -> dict[str, Any]:
     """Merge one candidate into this worker's resident model and score it (failures recorded);
     with a candidate `key`, store the record in the run store as soon as it is done."""
+    return _evaluate_and_store(_config(config), paths, genome, generation, index, key)
+
+
+@task(name="evaluate_candidates", task_run_name="eval-g{generation}-c{span}", cache_policy=NO_CACHE)
+def evaluate_candidates(config: dict[str, Any], paths: dict[str, str], genomes: list[list[float]], generation: int,
+                        indices: list[int], keys: list[str | None], span: str) -> list[dict[str, Any]]:
+    """Several candidates in one task run (`runtime.task_runner.candidates_per_task`), one after
+    the other on the same resident model; each is stored in the run store as soon as it is done,
+    so an interruption loses at most the candidate in progress."""
     cfg = _config(config)
+    return [_evaluate_and_store(cfg, paths, genome, generation, index, key)
+            for genome, index, key in zip(genomes, indices, keys, strict=True)]
+
+
+def _evaluate_and_store(cfg: RunConfig, paths: dict[str, str], genome: list[float], generation: int, index: int,
+                        key: str | None) -> dict[str, Any]:
     record = get_evaluator(cfg, paths).evaluate(genome, generation=generation, index=index)
     if key is not None:
         resume.store_candidate(cfg, key, record)

@@ -54,7 +54,23 @@ def test_gpu_workers_and_resources():
     assert _cfg({"kind": "dask", "address": "tcp://h:1"}, device="cuda").runtime.task_runner.resources("cuda") == {"GPU": 1.0}
 
 
+def test_candidates_per_task_batches_and_round_trips():
+    one = _cfg().runtime.task_runner
+    assert [list(b) for b in one.batches(3, slots=2)] == [[0], [1], [2]]
+    fixed = _cfg({"candidates_per_task": 3}).runtime.task_runner  # also with the default runner
+    assert [list(b) for b in fixed.batches(7, slots=None)] == [[0, 1, 2], [3, 4, 5], [6]]
+    auto = _cfg({"kind": "dask", "workers": 2, "candidates_per_task": "auto"})
+    assert [list(b) for b in auto.runtime.task_runner.batches(5, slots=2)] == [[0, 1, 2], [3, 4]]
+    assert [list(b) for b in auto.runtime.task_runner.batches(5, slots=1)] == [[0, 1, 2, 3, 4]]
+    assert auto.runtime.task_runner.batches(0, slots=2) == []
+    again = parse_run_config(_cfg({"candidates_per_task": 3}).model_dump(mode="json"))
+    assert again.runtime.task_runner.candidates_per_task == 3
+    assert again.config_hash() == _cfg().config_hash()  # how candidates are grouped never changes results
+
+
 @pytest.mark.parametrize("runner, runtime, message", [
+    ({"candidates_per_task": 0}, {}, "candidates_per_task must be at least 1"),
+    ({"candidates_per_task": "all"}, {}, "candidates_per_task"),
     ({"kind": "default", "workers": 2}, {}, "workers only applies to kind: dask"),
     ({"kind": "dask", "address": "tcp://h:1", "workers": 2}, {}, "address uses an existing Dask cluster"),
     ({"kind": "dask", "gpus": [0, 1], "workers": 3}, {}, "gpus lists 2 GPUs"),

@@ -60,6 +60,24 @@ def test_dask_task_runs_are_named_and_belong_to_the_flow_run(tiny_family, tiny_d
     assert all(t.state.is_completed() for t in tasks)
 
 
+def test_batched_candidates_on_dask_give_the_same_history_in_one_task_run_per_worker(tiny_family, tiny_dataset,
+                                                                                      tmp_path):
+    """candidates_per_task: auto splits each generation of 4 over the 2 workers: two task runs
+    of two candidates each, the same history as one task run per candidate."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter, TaskRunFilterName
+
+    single = _run(tiny_family, tiny_dataset, tmp_path, "dask-single", LOCAL_DASK)
+    batched = _run(tiny_family, tiny_dataset, tmp_path, "dask-batched", {**LOCAL_DASK, "candidates_per_task": "auto"})
+    assert _strip(batched["history"]) == _strip(single["history"])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["evolve-dask-batched"])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [runs[0].id]}),
+                                      task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="eval-g")))
+    assert sorted(t.name for t in tasks) == sorted(f"eval-g{g}-c{s}" for g in range(2) for s in ("0-1", "2-3"))
+    assert all(t.state.is_completed() for t in tasks)
+
+
 def _probe() -> dict:
     """Run on each worker: its pid, torch threads and resident model(s)."""
     import torch
