@@ -11,8 +11,10 @@ Two modes: "resident" (sources loaded once per worker: the shipped behaviour) an
 costs, i.e. "before"). Overhead = generation wall x workers / candidates - in-worker compute.
 
 Part 2, the real evolve flow (Prefect test harness API, `runtime.task_runner: dask`): the wall
-time of each generation (checkpoint included) on 1 and 2 workers. Generation 1 is cold (worker
-imports, first load); later generations are warm.
+time of each generation (checkpoint included) on 1 and 2 workers, with one Prefect task run per
+candidate (`candidates_per_task: 1`) and with a generation split over the workers
+(`candidates_per_task: auto`). Generation 1 is cold (worker imports, first load); later
+generations are warm.
 
     python benchmarks/dask_scaling.py [--popsize 8] [--generations 3] [--json out.json]
 """
@@ -32,7 +34,8 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def search_config(storage: str, run_key: str, popsize: int, generations: int, workers: int) -> dict[str, Any]:
+def search_config(storage: str, run_key: str, popsize: int, generations: int, workers: int,
+                  candidates_per_task: int | str = 1) -> dict[str, Any]:
     from evomerge_core.toyworld.demo import search_config as demo_config
     from evomerge_core.toyworld.zoo import build_zoo
 
@@ -41,7 +44,8 @@ def search_config(storage: str, run_key: str, popsize: int, generations: int, wo
     cfg["optimizer"] = {**cfg["optimizer"], "popsize": popsize}
     cfg["fitness"] = {**cfg["fitness"], "test": None}
     cfg["runtime"] = {**cfg["runtime"], "torch_threads": 1,
-                      "task_runner": {"kind": "dask", "workers": workers, "threads_per_worker": 1}}
+                      "task_runner": {"kind": "dask", "workers": workers, "threads_per_worker": 1,
+                                      "candidates_per_task": candidates_per_task}}
     cfg["output"] = {"materialise_best": False, "report": False}
     return cfg
 
@@ -104,14 +108,15 @@ def breakdown(workers: int, reread: bool, popsize: int, rounds: int) -> dict[str
             "candidates": popsize}
 
 
-def flow_walls(workers: int, popsize: int, generations: int) -> list[float]:
+def flow_walls(workers: int, popsize: int, generations: int, candidates_per_task: int | str) -> list[float]:
     """Part 2: generation wall times of the real evolve flow on `workers` Dask workers."""
     from evomerge.flows.evolve import evolve
     from evomerge_core.runstore import RunStore
 
     with tempfile.TemporaryDirectory() as tmp:
-        key = f"dask-{workers}"
-        evolve(search_config(f"file://{tmp}", key, popsize, generations, workers), resume=False, run_key=key)
+        key = f"dask-{workers}-{candidates_per_task}"
+        evolve(search_config(f"file://{tmp}", key, popsize, generations, workers, candidates_per_task), resume=False,
+               run_key=key)
         store = RunStore(f"file://{tmp}", key)
         return [store.read_generation(g)["summary"]["seconds"] for g in range(generations)]
 
@@ -140,17 +145,27 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as home:
             os.environ["PREFECT_HOME"] = home
             with prefect_test_harness(server_startup_timeout=180):
-                for workers in (1, 2):
-                    walls = flow_walls(workers, args.popsize, args.generations)
-                    out["flow"][str(workers)] = walls
-                    print(f"[flow] {workers} worker(s): generation walls " + ", ".join(f"{w:.2f}" for w in walls), flush=True)
+                for batch in (1, "auto"):
+                    for workers in (1, 2):
+                        walls = flow_walls(workers, args.popsize, args.generations, batch)
+                        out["flow"][f"{workers}/{batch}"] = walls
+                        print(f"[flow, candidates_per_task {batch}] {workers} worker(s): generation walls "
+                              + ", ".join(f"{w:.2f}" for w in walls), flush=True)
     out["load_average_end"] = os.getloadavg()
     for mode in ("resident", "reread"):
         one, two = (next(b for b in out["breakdown"] if b["mode"] == mode and b["workers"] == w) for w in (1, 2))
         print(f"[{mode}] 2 workers / 1 worker (warm generation): {two['warm_generation_wall'] / one['warm_generation_wall']:.2f}")
     if out["flow"]:
-        warm = {w: statistics.mean(v[1:]) for w, v in out["flow"].items()}
-        print(f"[flow] 2 workers / 1 worker (warm generations): {warm['2'] / warm['1']:.2f}")
+        warm = {k: statistics.mean(v[1:]) for k, v in out["flow"].items()}
+        one = next(b for b in out["breakdown"] if b["mode"] == "resident" and b["workers"] == 1)
+        compute = sum(v for k, v in one["per_candidate"].items() if k != "overhead")
+        for batch in ("1", "auto"):
+            ratio = warm[f"2/{batch}"] / warm[f"1/{batch}"]
+            overhead = warm[f"1/{batch}"] / args.popsize - compute
+            print(f"[flow, candidates_per_task {batch}] 2 workers / 1 worker (warm generations): {ratio:.2f}; "
+                  f"1 worker: {warm[f'1/{batch}'] / args.popsize:.3f} s per candidate, of which flow overhead "
+                  f"(Prefect task runs, run store, checkpoint) {overhead:.3f} s")
+            out.setdefault("flow_summary", {})[batch] = {"ratio": ratio, "per_candidate_overhead_1_worker": overhead}
     print(f"load average at start {out['load_average_start']}, at end {out['load_average_end']} ({out['cpus']} CPUs)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

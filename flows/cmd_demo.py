@@ -8,7 +8,7 @@ import os
 import time
 
 from evomerge_core.errors import UsageError
-from evomerge_core.toyworld.demo import DEFAULT_EVALUATIONS
+from evomerge_core.toyworld.demo import DEFAULT_DFS_EVALUATIONS, DEFAULT_EVALUATIONS, SPACES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,18 +17,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="demo", choices=["demo", "micro"], help="toy world size")
     parser.add_argument("--seeds", type=int, default=3, help="search seeds to run (mean and spread are reported)")
     parser.add_argument("--evaluations", type=int, default=DEFAULT_EVALUATIONS,
-                        help=f"candidates per search (default {DEFAULT_EVALUATIONS})")
+                        help=f"candidates per PS search (default {DEFAULT_EVALUATIONS})")
+    parser.add_argument("--dfs-evaluations", type=int, default=DEFAULT_DFS_EVALUATIONS,
+                        help=f"candidates per DFS search (default {DEFAULT_DFS_EVALUATIONS})")
+    parser.add_argument("--spaces", default=",".join(SPACES),
+                        help=f"evolved rows to run, comma-separated from {', '.join(SPACES)} (default: all); "
+                             "psdfs includes ps, dfs includes its scales-fixed-to-1 ablation")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo flow and print where its outputs are."""
-    if args.seeds < 1 or args.evaluations < 2:
-        raise UsageError("--seeds must be >= 1 and --evaluations >= 2")
+    if args.seeds < 1 or args.evaluations < 2 or args.dfs_evaluations < 2:
+        raise UsageError("--seeds must be >= 1 and --evaluations / --dfs-evaluations >= 2")
+    spaces = tuple(s.strip() for s in args.spaces.split(",") if s.strip())
+    unknown = sorted(set(spaces) - set(SPACES))
+    if unknown or not spaces:
+        raise UsageError(f"--spaces: unknown {unknown or 'empty list'}; choose from {', '.join(SPACES)}")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from evomerge.flows.demo import demo
 
     started = time.perf_counter()
-    result = demo(out_dir=args.out, size=args.size, seeds=args.seeds, evaluations=args.evaluations)
+    result = demo(out_dir=args.out, size=args.size, seeds=args.seeds, evaluations=args.evaluations,
+                  dfs_evaluations=args.dfs_evaluations, spaces=spaces)
     print(f"demo finished in {time.perf_counter() - started:.0f} s; table: {result['outputs']['markdown']}")
     return 0

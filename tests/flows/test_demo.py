@@ -19,7 +19,8 @@ def micro_demo(tmp_path_factory, monkeypatch_module):
     from evomerge.flows.demo import demo
 
     out = tmp_path_factory.mktemp("demo-out")
-    result = demo(out_dir=str(out), size="micro", seeds=1, evaluations=54)
+    result = demo(out_dir=str(out), size="micro", seeds=1, evaluations=54, dfs_evaluations=16,
+                  spaces=("psdfs", "dfs"))
     return out, result
 
 
@@ -35,12 +36,16 @@ def test_demo_writes_table_json_and_plot(micro_demo):
     names = [row["name"] for row in result["rows"]]
     assert names[:4] == ["base", "skill_a", "skill_b", "lang"]
     assert sum(row["kind"] == "merge" for row in result["rows"]) == 3
-    evolved = result["rows"][-1]
-    assert evolved["kind"] == "evolved" and evolved["evaluated"] == 54
-    assert set(evolved["scores"]) == {"union", "skill", "lang", "cross"}
+    evolved = {row["space"]: row for row in result["rows"] if row["kind"] == "evolved"}
+    assert list(evolved) == ["ps", "psdfs", "dfs", "dfs_noscale"]
+    assert evolved["ps"]["evaluated"] == 54
+    assert all(row["evaluated"] >= 16 for row in evolved.values())
+    assert all(set(row["scores"]) == {"union", "skill", "lang", "cross"} for row in evolved.values())
+    assert all(len(values) == 1 for row in evolved.values() for values in row["scores"].values())
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
-    assert len(saved["claims"]) == 2
+    claims = saved["claims"]
+    assert len(claims) == 4 and "PS+DFS vs evolved PS" in claims[2] and "scales ablation" in claims[3]
     table = (out / "results.md").read_text()
     assert table.count("\n| ") == 1 + len(names)  # header + one line per model
     assert (out / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -53,5 +58,19 @@ def test_evolved_merge_beats_every_source_on_union_train(micro_demo):
     zoo = build_zoo("micro", progress=False)
     rows = zoo.rows("union", "train")
     sources = {name: evaluate_exact_match(zoo.models[name], None, rows) for name in ("base", "skill_a", "skill_b", "lang")}
-    evolved = evaluate_exact_match(out / "evolved" / "seed0", None, rows)
+    evolved = evaluate_exact_match(out / "evolved" / "ps" / "seed0", None, rows)
     assert evolved > max(sources.values()), (evolved, sources)
+
+
+def test_psdfs_row_comes_from_a_chained_run_whose_dfs_stage_starts_from_the_ps_model(micro_demo):
+    from evomerge_core.runstore import RunStore
+
+    out, _ = micro_demo
+    storage = (out / "runs").as_uri()
+    result = RunStore(storage, "demo-micro-psdfs-seed0").read_json("result.json")
+    assert [s["kind"] for s in result["stages"]] == ["ps", "dfs"]
+    ps_best = result["stages"][0]["best_model"]
+    assert result["lineage"][1]["sources"][0] == ps_best
+    ablation = RunStore(storage, "demo-micro-dfs_noscale-seed0").read_json("result.json")
+    assert ablation["space"]["scales"] == "none"
+    assert all(hop["scale"] == 1.0 for hop in ablation["best_recipe"]["path"])
