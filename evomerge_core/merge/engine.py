@@ -1,8 +1,10 @@
 """The merge engine: apply a recipe tensor by tensor, in memory or streamed to disk.
 
-Streaming (`merge_to_dir`) reads one tensor per source at a time, merges it in float32 and
-writes it straight into its planned place in the output shards, so peak memory stays near one
-tensor per source. The output directory is built in a temporary sibling and renamed at the end.
+Streaming (`merge_to_dir`) takes one tensor per source at a time as a view of the mapped
+source file (no copy), merges it chunk by chunk in float32 (`kernels`) straight into the
+output staging buffer in the output dtype, writes it (O_DIRECT where possible, `fastio`) and
+drops the source pages again, so memory stays near one tensor per source. The output
+directory is built in a temporary sibling and renamed at the end.
 """
 
 from __future__ import annotations
@@ -21,14 +23,9 @@ import torch
 
 from evomerge_core.architectures import is_vocab_tensor
 from evomerge_core.errors import MergeError
-from evomerge_core.io import (
-    replace_dir,
-    TOKENIZER_FILES,
-    LazyModelReader,
-    PlannedTensor,
-    ShardedWriter,
-    copy_files,
-)
+from evomerge_core.io import TOKENIZER_FILES, PlannedTensor, copy_files, replace_dir
+from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
+from evomerge_core.merge.kernels import release_workspace
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params
 from evomerge_core.merge.recipe import MergeRecipe
 from evomerge_core.sources import validate_sources
@@ -53,15 +50,22 @@ def parse_dtype(name: str) -> torch.dtype:
         raise MergeError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16") from None
 
 
-def tensor_generator(seed: int, tensor_name: str, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for one (tensor, model) pair: independent of the order tensors are merged."""
+def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    """The DARE seed of one (tensor, model) pair: independent of the order tensors are merged."""
     digest = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, tensor_name: str, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with `tensor_seed` (for callers that want torch random draws)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    gen.manual_seed(tensor_seed(seed, tensor_name, model_index))
     return gen
 
 
-def _merge_planned(plan: MergePlan, tensor_name: str, tensors: Mapping[str, torch.Tensor], num_layers: int) -> torch.Tensor:
+def _merge_planned(plan: MergePlan, tensor_name: str, tensors: Mapping[str, torch.Tensor], num_layers: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge one tensor from inputs of any float dtype into `out` (default: a new float32)."""
     method = plan.method
     needed = ([plan.base] if plan.base else []) + list(plan.inputs)
     missing = [m for m in needed if m not in tensors]
@@ -81,34 +85,35 @@ def _merge_planned(plan: MergePlan, tensor_name: str, tensors: Mapping[str, torc
             f"tensor {tensor_name} has shape {list(shape)} in model {model!r} but {list(ref_shape)} in {plan.reference!r}; the models cannot be merged"
         )
     global_params, model_params = resolve_tensor_params(plan, tensor_name, num_layers)
+    if out is None:
+        out = torch.empty(ref_shape, dtype=torch.float32, device=ref.device)
 
-    def f32(model: str) -> torch.Tensor:
-        t = tensors[model].to(torch.float32)
+    def rows_of(model: str) -> torch.Tensor:
+        t = tensors[model]
         return t[:rows] if rows is not None else t
 
-    gens = [None] * len(plan.inputs)
+    seeds: list[int | None] = [None] * len(plan.inputs)
     if method.stochastic:
-        device = tensors[plan.inputs[0]].device
-        gens = [tensor_generator(plan.recipe.seed, tensor_name, i, device) for i in range(len(plan.inputs))]
-    merged = method(
-        [f32(m) for m in plan.inputs],
-        base=f32(plan.base) if plan.base else None,
+        seeds = [tensor_seed(plan.recipe.seed, tensor_name, i) for i in range(len(plan.inputs))]
+    method(
+        [rows_of(m) for m in plan.inputs],
+        base=rows_of(plan.base) if plan.base else None,
         model_params=model_params,
         params=global_params,
-        generators=gens,
+        generators=seeds,
+        out=out[:rows] if rows is not None else out,
     )
-    if rows is None:
-        return merged.to(torch.float32)
-    # Vocabulary rule: shared rows merged, the reference model's extra rows kept as they are.
-    out = ref.to(torch.float32).clone()
-    out[:rows] = merged
+    if rows is not None:
+        # Vocabulary rule: shared rows merged, the reference model's extra rows kept as they are.
+        out[rows:].copy_(ref[rows:])
     return out
 
 
 def merge_tensor(recipe: MergeRecipe, tensor_name: str, tensors: Mapping[str, torch.Tensor], *, num_layers: int,
                  reference: str | None = None) -> torch.Tensor:
-    """Merge one tensor. `tensors` is keyed by the recipe's model references (base included
-    when the method has one). Returns float32; deterministic for DARE given `recipe.seed`.
+    """Merge one tensor. `tensors` (any float dtype) is keyed by the recipe's model references
+    (base included when the method has one). Returns float32; deterministic for DARE given
+    `recipe.seed`.
     `reference` overrides the model whose shape (and extra vocabulary rows) the result takes
     (default: the base, else the first model); it must be a key of `tensors`."""
     plan = plan_recipe(recipe)
@@ -189,7 +194,6 @@ def merge_to_dir(
         raise MergeError("--device cuda was requested but no CUDA device is available; use --device cpu")
     tokenizer_ref(recipe, plan)
     info = validate_sources({m: Path(sources[m]) for m in needed}, base=plan.reference)
-    readers = {m: LazyModelReader(Path(sources[m])) for m in needed}
     first_dtype = next(iter(info.tensor_dtypes.values()))
     out_dtype = _out_dtype(recipe, dtype, first_dtype)  # type: ignore[arg-type]
     planned = [
@@ -201,19 +205,34 @@ def merge_to_dir(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as exc:
         raise MergeError(f"cannot create output directory {out_dir} ({exc.strerror or exc}); choose a writable path") from None
-    writer = ShardedWriter(tmp, planned, shard_size)
+    models = {m: MappedModel(Path(sources[m])) for m in needed}
+    writer = DirectShardedWriter(tmp, planned, shard_size)
+    on_cpu = torch.device(device).type == "cpu"
     try:
         bar = _progress(len(planned), progress)
-        for item in planned:
+        for pos, item in enumerate(planned):
+            if pos + 1 < len(planned):
+                for src in models.values():
+                    src.prefetch(planned[pos + 1].name)
+            dst = writer.buffer(item.name)
             if info.tensor_dtypes[item.name].is_floating_point:  # type: ignore[union-attr]
-                # Straight to float32 so the source-dtype copies are freed at once.
-                tensors = {m: r.get(item.name).to(device=device, dtype=torch.float32) for m, r in readers.items()}
-                merged = _merge_planned(plan, item.name, tensors, info.num_layers)
+                # Source-dtype views of the mapped files; the kernels convert chunk by chunk.
+                tensors = {m: src.get(item.name) for m, src in models.items()}
+                if on_cpu:
+                    _merge_planned(plan, item.name, tensors, info.num_layers, out=dst)
+                else:
+                    tensors = {m: t.to(device) for m, t in tensors.items()}
+                    merged = _merge_planned(plan, item.name, tensors, info.num_layers,
+                                            out=torch.empty(dst.shape, dtype=dst.dtype, device=device))
+                    dst.copy_(merged)
+                    del merged
             else:  # integer buffers (rare) are taken from the reference model unchanged
                 tensors = {}
-                merged = readers[plan.reference].get(item.name)
-            writer.write(item.name, merged.to(item.dtype).cpu())
-            del tensors, merged
+                dst.copy_(models[plan.reference].get(item.name))
+            writer.commit(item.name)
+            del tensors, dst
+            for src in models.values():
+                src.release(item.name)
             bar.update(1)
         bar.close()
         writer.close()
@@ -223,6 +242,10 @@ def merge_to_dir(
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        for src in models.values():
+            src.close()
+        release_workspace()
     return out_dir
 
 

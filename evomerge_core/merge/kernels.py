@@ -1,0 +1,562 @@
+"""Fast merge kernels: the merge methods on one tensor, in cache-sized chunks.
+
+Every kernel reads its inputs in their own dtype (bf16, fp16 or fp32), does the arithmetic in
+float32 (float64 for SLERP's angle) and writes the result once, into `out` (any float dtype).
+The work is split into chunks of `chunk_elements(device)` elements, so on CPU the
+intermediates of a chunk stay in cache; comparisons that would produce boolean tensors (slow
+on CPU) are replaced by arithmetic (`hardshrink`, `copysign`, `sign`, `clamp`). Scratch memory
+comes from a per-thread workspace that is reused across calls (fresh pages are expensive),
+see `release_workspace`. The same code runs on CUDA with one large chunk.
+
+Semantics are those of `evomerge_core.merge.methods` (mergekit 0.1.5), with these exact rules:
+
+- TIES keeps exactly k = max(1, int(density * numel)) entries of largest |model - base|;
+  entries equal to the k-th largest magnitude are kept lowest index first. The threshold is
+  found by selection, without a sort: a 32768-bin histogram of the bf16-rounded magnitudes
+  (rounding is monotone, so the k-th largest lies in one known bin), then `kthvalue` over the
+  entries of that bin only. Results are bit-identical to the straightforward float32 code.
+- DARE keeps each entry with probability density, drawn from a counter-based hash of
+  (seed, index) with 16-bit resolution (density is rounded to a multiple of 2^-16), so the
+  mask of an entry does not depend on chunking, thread count or device (CPU and CUDA agree).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from evomerge_core.errors import MergeError
+
+CPU_CHUNK = 1 << 18
+CUDA_CHUNK = 1 << 26
+_BUCKETS = 1 << 15  # non-negative bf16 bit patterns 0 .. 0x7FFF
+
+
+def chunk_elements(device: torch.device | str) -> int:
+    """Elements per chunk: cache-sized on CPU, large on accelerators (fewer launches)."""
+    return CPU_CHUNK if torch.device(device).type == "cpu" else CUDA_CHUNK
+
+
+def _ranges(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+
+
+class _Workspace(threading.local):
+    """Grow-only scratch buffers, one set per thread."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, str(device))
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self.buffers[key] = buf
+        return buf[:numel]
+
+
+_WS = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they are kept between calls for speed)."""
+    _WS.buffers.clear()
+
+
+def _check_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple[torch.Size, torch.device]:
+    ref = base if base is not None else tensors[0]
+    for t in tensors:
+        if t.shape != ref.shape:
+            raise MergeError(f"tensors to merge have shapes {list(t.shape)} and {list(ref.shape)}; they must match")
+        if t.device != ref.device:
+            raise MergeError(f"tensors to merge are on {t.device} and {ref.device}; put them on one device")
+    return ref.shape, ref.device
+
+
+def _output(out: torch.Tensor | None, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+        raise MergeError(f"output buffer has shape {list(out.shape)}, expected a contiguous {list(shape)}")
+    return out
+
+
+# --------------------------------------------------------------------------- TIES threshold
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Keep entry j iff |d_j| > threshold, or |d_j| == threshold and j < cut.
+
+    Built so that exactly k entries are kept (ties at the threshold lowest index first).
+    """
+
+    threshold: float
+    cut: int
+
+
+def magnitude_k(density: float, n: int) -> int:
+    """Entries TIES keeps of n: max(1, int(density * n)); all if density >= 1, none if <= 0."""
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return min(n, max(1, int(density * n)))
+
+
+def magnitude_cut(keys: torch.Tensor, k: int, exact_abs: Callable[[torch.Tensor], torch.Tensor]) -> MagnitudeCut:
+    """The keep rule for the k (1 <= k <= n) largest magnitudes, by selection.
+
+    `keys`: int16, one per entry, non-negative and monotone in |d| (bf16 bits of |d|);
+    `exact_abs(idx)`: the exact float32 |d| at the ascending flat indices `idx`.
+    """
+    n = keys.numel()
+    hist = torch.bincount(keys, minlength=_BUCKETS)
+    at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b] = #entries with key >= b
+    bucket = int((at_least >= k).sum()) - 1  # highest bucket with >= k entries at or above it
+    above = int(at_least[bucket]) - int(hist[bucket])
+    rank = k - above  # the wanted entry is the rank-th largest of its bucket
+    idx = (keys == bucket).nonzero().squeeze(1)
+    vals = exact_abs(idx)
+    threshold = torch.kthvalue(vals, vals.numel() - rank + 1).values
+    need = rank - int((vals > threshold).sum())
+    ties = idx[vals == threshold]
+    cut = int(ties[need]) if need < ties.numel() else n
+    return MagnitudeCut(float(threshold), cut)
+
+
+def _below(t: float) -> float:
+    """The largest float32 below t (t >= 0): |x| > _below(t) <=> |x| >= t for float32 x."""
+    if t <= 0:
+        return -1.0
+    return float(torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(0.0)))
+
+
+def _shrink_by_cut_(d: torch.Tensor, cut: MagnitudeCut, s: int, e: int) -> None:
+    """Zero the entries [s, e) (held in `d`) that the cut drops, in place."""
+    ge, gt = _below(cut.threshold), cut.threshold
+    if e <= cut.cut:
+        torch.hardshrink(d, ge, out=d)
+    elif s >= cut.cut:
+        torch.hardshrink(d, gt, out=d)
+    else:
+        m = cut.cut - s
+        torch.hardshrink(d[:m], ge, out=d[:m])
+        torch.hardshrink(d[m:], gt, out=d[m:])
+
+
+# --------------------------------------------------------------------------- DARE masks
+
+_HASH_MUL = 0x45D9F3B
+
+
+def _i32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+class DareMasker:
+    """Bernoulli(density) keep masks from a counter hash.
+
+    Entry j of a tensor uses the 16-bit half j % 2 of h(j // 2), where h is a 32-bit mixer
+    (xorshift-multiply, two rounds) applied to mul * (j // 2) + add, with (mul, add) taken
+    from the 64-bit seed. The entry is kept iff that half, as a signed int16, is below
+    round(density * 65536) - 32768.
+    """
+
+    def __init__(self, seed: int, density: float, device: torch.device | str) -> None:
+        seed = int(seed) & ((1 << 64) - 1)
+        self.mul = _i32((seed >> 32) | 1)
+        self.add = _i32(seed)
+        level = min(65536, max(0, round(float(density) * 65536)))
+        self.keep_all = level >= 65536
+        self.threshold = level - 32768
+        self.device = torch.device(device)
+
+    def uniforms(self, s: int, e: int, scratch: str = "dare") -> torch.Tensor:
+        """Uniform int16 values of entries [s, e) (s even), in a workspace buffer."""
+        nw = (e - s + 1) // 2
+        words = _WS.get(scratch + ".w", nw, torch.int32, self.device)
+        tmp = _WS.get(scratch + ".t", nw, torch.int32, self.device)
+        torch.arange(s // 2, s // 2 + nw, dtype=torch.int32, device=self.device, out=words)
+        words.mul_(self.mul).add_(self.add)
+        for _ in range(2):
+            _xorshift16_(words, tmp)
+            words.mul_(_HASH_MUL)
+        _xorshift16_(words, tmp)
+        return words.view(torch.int16)[: e - s]
+
+    def mask(self, s: int, e: int) -> torch.Tensor:
+        """Boolean keep mask of entries [s, e)."""
+        if self.keep_all:
+            return torch.ones(e - s, dtype=torch.bool, device=self.device)
+        return self.uniforms(s, e) < self.threshold
+
+    def neg_mask_into(self, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """-1.0 where the uniforms `u` keep the entry, 0.0 where they drop it (float32 `out`)."""
+        out.copy_(u)
+        out.sub_(self.threshold)
+        return out.clamp_(-1.0, 0.0)
+
+
+def _xorshift16_(words: torch.Tensor, tmp: torch.Tensor) -> None:
+    """words ^= words >>> 16 (logical shift on int32)."""
+    torch.bitwise_right_shift(words, 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF)
+    words.bitwise_xor_(tmp)
+
+
+def dare_mask(shape: Sequence[int] | torch.Size, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The DARE keep mask (bool, `shape`) that the kernels use for this seed and density."""
+    n = math.prod(shape)
+    masker = DareMasker(seed, density, device)
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    for s, e in _ranges(n, chunk_elements(device)):
+        out[s:e] = masker.mask(s, e)
+    return out.reshape(tuple(shape))
+
+
+def seed_from(generator: torch.Generator | int | None) -> int:
+    """A 63-bit DARE seed: the int itself, one draw from `generator`, or from torch's RNG."""
+    if isinstance(generator, int):
+        return generator
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device if generator is not None else "cpu"))
+
+
+# --------------------------------------------------------------------------- task vectors
+
+
+@dataclass(frozen=True)
+class TaskVectorSpec:
+    """One non-base input of a task-vector merge."""
+
+    weight: float
+    density: float = 1.0
+    seed: int | None = None  # DARE only
+
+
+def task_vector_merge(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    specs: Sequence[TaskVectorSpec],
+    *,
+    sparsification: str | None,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+    rescale: bool,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """base + lam * combine_i(weight_i * sparsify(tensor_i - base)), written into `out`.
+
+    sparsification: None, "magnitude" (TIES) or "random" (DARE, L1 rescale when `rescale`);
+    consensus: TIES sign election (sign of the sum, >= 0 counts as +), keeping only agreeing
+    entries, and with `normalize` division by the summed weights of those entries; without
+    consensus `normalize` divides by sum(weights) (by 1 when that is ~0).
+    """
+    if sparsification not in (None, "magnitude", "random"):
+        raise MergeError(f"unknown sparsification {sparsification!r}; use 'magnitude' or 'random'")
+    if len(specs) != len(tensors):
+        raise MergeError(f"got {len(tensors)} tensors but {len(specs)} specs")
+    shape, device = _check_inputs(tensors, base)
+    out = _output(out, shape, device, out_dtype)
+    n = base.numel()
+    flat_out = out.view(-1)
+    if n == 0:
+        return out
+    if not tensors:
+        flat_out.copy_(_flat(base))
+        return out
+    chunk = chunk_elements(device)
+    ranges = _ranges(n, chunk)
+    L = min(chunk, n)
+    b = _flat(base)
+    ms = [_flat(t) for t in tensors]
+    ws = lambda name, dtype=torch.float32, numel=L: _WS.get(name, numel, dtype, device)  # noqa: E731
+    bf = ws("base")
+    ds = [ws(f"d{i}") for i in range(len(ms))]
+    scales = [float(sp.weight) for sp in specs]
+    live = list(range(len(ms)))
+    cuts: dict[int, MagnitudeCut] = {}
+    stored_u: dict[int, torch.Tensor] = {}
+    maskers: dict[int, DareMasker] = {}
+
+    if sparsification == "magnitude":
+        todo = []
+        for i, sp in enumerate(specs):
+            k = magnitude_k(float(sp.density), n)
+            if k == 0:
+                live.remove(i)  # everything dropped: contributes nothing, agrees nowhere
+            elif k < n:
+                todo.append((i, k))
+        if todo:
+            keys = {i: ws(f"keys{i}", torch.int16, n) for i, _ in todo}
+            for s, e in ranges:
+                c = bf[: e - s]
+                c.copy_(b[s:e])
+                for i, _ in todo:
+                    d = ds[i][: e - s]
+                    d.copy_(ms[i][s:e])
+                    d.sub_(c)
+                    keys[i][s:e].view(torch.bfloat16).copy_(d)  # rounding is sign-symmetric
+            for i, k in todo:
+                m_i = ms[i]
+
+                def exact_abs(idx: torch.Tensor, m_i: torch.Tensor = m_i) -> torch.Tensor:
+                    return (m_i[idx].float() - b[idx].float()).abs_()
+
+                cuts[i] = magnitude_cut(keys[i].bitwise_and_(0x7FFF), k, exact_abs)
+            if rescale:  # L1 rescale of the kept entries (off by default for TIES)
+                _rescale_by_cuts(b, ms, cuts, scales, ranges, bf, ds, ws("a"))
+    elif sparsification == "random":
+        for i, sp in enumerate(specs):
+            if float(sp.density) >= 1:
+                continue
+            if sp.seed is None:
+                raise MergeError("DARE needs a seed per model; pass TaskVectorSpec(seed=...)")
+            mk = DareMasker(sp.seed, float(sp.density), device)
+            if not mk.keep_all:
+                maskers[i] = mk
+        if maskers and rescale:
+            a = ws("a")
+            nm = ws("nm")
+            before = {i: 0.0 for i in maskers}
+            after = {i: 0.0 for i in maskers}
+            for i in maskers:
+                stored_u[i] = ws(f"u{i}", torch.int16, n)
+            for s, e in ranges:
+                c = bf[: e - s]
+                c.copy_(b[s:e])
+                aa, mm = a[: e - s], nm[: e - s]
+                for i, mk in maskers.items():
+                    u = mk.uniforms(s, e)
+                    stored_u[i][s:e].copy_(u)
+                    d = ds[i][: e - s]
+                    d.copy_(ms[i][s:e])
+                    d.sub_(c)
+                    torch.abs(d, out=aa)
+                    before[i] += float(aa.sum())
+                    aa.mul_(mk.neg_mask_into(u, mm))
+                    after[i] -= float(aa.sum())
+            for i in maskers:
+                if before[i] >= 1e-7 and after[i] >= 1e-7:
+                    scales[i] *= before[i] / after[i]
+
+    weights = [float(sp.weight) for sp in specs]
+    acc = ws("acc")
+    nm = ws("nm")
+    if consensus:
+        sgn = ws("sgn")
+        ones = ws("ones")
+        ones.fill_(1.0)
+        tmp = ws("a")
+        div = ws("div") if normalize else None
+    wsum = sum(weights)
+    plain_div = 1.0 if abs(wsum) < 1e-8 else wsum
+    live_weights = [weights[i] for i in live]
+    safe_div = bool(live_weights) and min(live_weights) > 1e-20  # divisor 0 <=> no agreeing entry
+    for s, e in ranges:
+        L_ = e - s
+        c = bf[:L_]
+        c.copy_(b[s:e])
+        o = acc[:L_]
+        wds = []
+        for i in live:
+            d = ds[i][:L_]
+            d.copy_(ms[i][s:e])
+            d.sub_(c)
+            if i in cuts:
+                _shrink_by_cut_(d, cuts[i], s, e)
+            elif i in maskers:
+                u = stored_u[i][s:e] if i in stored_u else maskers[i].uniforms(s, e)
+                d.mul_(maskers[i].neg_mask_into(u, nm[:L_]))
+                scale = -scales[i]
+                d.mul_(scale)
+                wds.append((d, weights[i]))
+                continue
+            d.mul_(scales[i])
+            wds.append((d, weights[i]))
+        if not wds:
+            o.zero_()
+        elif consensus:
+            g = sgn[:L_]
+            o.copy_(wds[0][0])
+            for d, _ in wds[1:]:
+                o.add_(d)
+            torch.copysign(ones[:L_], o, out=g)  # elected sign: -0.0 only when every entry is 0
+            t = tmp[:L_]
+            for j, (d, w) in enumerate(wds):
+                d.mul_(g)
+                if j == 0:
+                    torch.clamp_min(d, 0.0, out=o)
+                    d = o
+                else:
+                    d.clamp_min_(0.0)
+                if div is not None:
+                    dv = div[:L_]
+                    torch.sign(d, out=t)  # 1 where the entry agrees with the elected sign
+                    if j == 0:
+                        torch.mul(t, w, out=dv)
+                    else:
+                        dv.add_(t, alpha=w)
+                if j > 0:
+                    o.add_(d)
+            if div is not None:
+                dv = div[:L_]
+                if safe_div:
+                    dv.clamp_min_(1e-30)  # 0 only where nothing agrees, and there o is 0 too
+                else:
+                    dv.masked_fill_(dv == 0, 1.0)
+                o.div_(dv)
+            o.mul_(g)
+        else:
+            o.copy_(wds[0][0])
+            for d, _ in wds[1:]:
+                o.add_(d)
+            if normalize:
+                o.div_(plain_div)
+        if lam != 1:
+            o.mul_(lam)
+        o.add_(c)
+        flat_out[s:e].copy_(o)
+    return out
+
+
+def _rescale_by_cuts(b, ms, cuts, scales, ranges, bf, ds, a) -> None:
+    before = {i: 0.0 for i in cuts}
+    after = {i: 0.0 for i in cuts}
+    for s, e in ranges:
+        c = bf[: e - s]
+        c.copy_(b[s:e])
+        aa = a[: e - s]
+        for i, cut in cuts.items():
+            d = ds[i][: e - s]
+            d.copy_(ms[i][s:e])
+            d.sub_(c)
+            torch.abs(d, out=aa)
+            before[i] += float(aa.sum())
+            _shrink_by_cut_(aa, cut, s, e)
+            after[i] += float(aa.sum())
+    for i in cuts:
+        if before[i] >= 1e-7 and after[i] >= 1e-7:
+            scales[i] *= before[i] / after[i]
+
+
+# --------------------------------------------------------------------------- linear, slerp
+
+
+def linear_merge(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """sum_i weight_i * tensor_i [/ sum_i weight_i when `normalize`], into `out`."""
+    shape, device = _check_inputs(tensors, None)
+    out = _output(out, shape, device, out_dtype)
+    total = float(sum(weights))
+    if normalize and total == 0:
+        raise MergeError("linear merge with normalize: true needs weights that do not sum to 0; change the weights or set normalize: false")
+    n = out.numel()
+    chunk = chunk_elements(device)
+    L = min(chunk, n)
+    acc = _WS.get("acc", L, torch.float32, device)
+    x = _WS.get("d0", L, torch.float32, device)
+    flat = [_flat(t) for t in tensors]
+    flat_out = out.view(-1)
+    for s, e in _ranges(n, chunk):
+        o, xx = acc[: e - s], x[: e - s]
+        for j, (t, w) in enumerate(zip(flat, weights)):
+            if j == 0:
+                o.copy_(t[s:e])
+                o.mul_(float(w))
+            else:
+                xx.copy_(t[s:e])
+                o.add_(xx, alpha=float(w))
+        if normalize:
+            o.div_(total)
+        flat_out[s:e].copy_(o)
+    return out
+
+
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+    """(c0, c1) with slerp(t, v0, v1) = c0 * v0 + c1 * v1 (angle of the normalised tensors,
+    in float64; nearly (anti)parallel inputs, |cos| > dot_threshold, interpolate linearly)."""
+    a, b = _flat(v0), _flat(v1)
+    n = a.numel()
+    device = a.device
+    chunk = chunk_elements(device)
+    L = min(chunk, n) if n else 1
+    x = _WS.get("s0", L, torch.float64, device)
+    y = _WS.get("s1", L, torch.float64, device)
+    dot = aa = bb = 0.0
+    for s, e in _ranges(n, chunk):
+        xx, yy = x[: e - s], y[: e - s]
+        xx.copy_(a[s:e])
+        yy.copy_(b[s:e])
+        dot += float(torch.dot(xx, yy))
+        aa += float(torch.dot(xx, xx))
+        bb += float(torch.dot(yy, yy))
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    cos = max(-1.0, min(1.0, dot / (na * nb))) if n else 1.0
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def scaled_sum(
+    v0: torch.Tensor,
+    c0: float,
+    v1: torch.Tensor,
+    c1: float,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """v0 * c0 + v1 * c1 in float32 (each product rounded, then the sum), into `out`."""
+    shape, device = _check_inputs([v1], v0)
+    out = _output(out, shape, device, out_dtype)
+    n = out.numel()
+    chunk = chunk_elements(device)
+    L = min(chunk, n)
+    acc = _WS.get("acc", L, torch.float32, device)
+    x = _WS.get("d0", L, torch.float32, device)
+    a, b, flat_out = _flat(v0), _flat(v1), out.view(-1)
+    for s, e in _ranges(n, chunk):
+        o, xx = acc[: e - s], x[: e - s]
+        o.copy_(a[s:e])
+        o.mul_(float(c0))
+        xx.copy_(b[s:e])
+        xx.mul_(float(c1))
+        o.add_(xx)
+        flat_out[s:e].copy_(o)
+    return out
+
+
+def slerp_merge(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors at position t, into `out`."""
+    c0, c1 = slerp_coefficients(float(t), v0, v1)
+    return scaled_sum(v0, c0, v1, c1, out=out, out_dtype=out_dtype)
