@@ -2,12 +2,19 @@
 scoring, NaN/inf logits, a non-finite fitness) is recorded with the worst fitness and its error,
 and the run goes on.
 
+Running out of memory (CUDA or CPU) is not a property of the candidate but of the device and
+the settings: recording it as the worst fitness would steer the search away from a genome for
+no reason and be reused from the candidate cache on resume. So it stops the run instead
+(:class:`CandidateOutOfMemory`, one clear error); every finished evaluation stays in the run
+store and the resume evaluates only what had not finished.
+
 `get_evaluator(config, sources)` returns a per-process cached `CandidateEvaluator` (resident
 model + fitness items + search space), so mapped tasks do not reload anything per candidate.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import traceback
@@ -17,12 +24,46 @@ from typing import Any
 
 import torch
 
+from evomerge_core import faults
 from evomerge_core.config import RunConfig
+from evomerge_core.errors import EvomergeError
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.io import read_config
 from evomerge_core.architectures import num_hidden_layers
 from evomerge_core.resident import get_resident
 from evomerge_core.spaces import build_space
+
+
+class CandidateOutOfMemory(EvomergeError):
+    """A candidate's merge or scoring ran out of memory: the run stops (exit code 1) and resumes."""
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA (`torch.OutOfMemoryError`) and CPU (`MemoryError`, torch's allocator error)
+    out-of-memory failures."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m.lower() in text.lower() for m in _OOM_MESSAGES)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_error(exc: BaseException, *, generation: int, index: int, split: str) -> CandidateOutOfMemory:
+    """The one-sentence error that stops a run whose candidate ran out of memory."""
+    what = f"candidate g{generation}-c{index}" if split == "train" else f"the {split} evaluation of g{generation}-c{index}"
+    detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    return CandidateOutOfMemory(
+        f"{what} ran out of memory ({type(exc).__name__}: {detail}); the run stopped and keeps every finished "
+        "evaluation: lower fitness.batch_size or fitness.max_new_tokens, or use a device with more memory, then run "
+        "the same command again to resume")
 
 
 class _DataflowRunner:
@@ -97,7 +138,8 @@ class CandidateEvaluator:
         return found
 
     def evaluate(self, genome: Sequence[float], *, generation: int, index: int, split: str = "train") -> dict[str, Any]:
-        """Build and score one genome; never raises for a candidate failure."""
+        """Build and score one genome; a failed candidate is recorded, never raised (running out of
+        memory raises `CandidateOutOfMemory`: it stops the run)."""
         started = time.perf_counter()
         fitness = self.fitness_for(split, generation)
         record: dict[str, Any] = {
@@ -115,19 +157,27 @@ class CandidateEvaluator:
         }
         if split != "train":
             record["split"] = split
+        oom: CandidateOutOfMemory | None = None
         try:
             record["values"] = self.space.describe(genome)
             recipe = self.space.decode(genome)
             record["recipe"] = recipe.to_yaml_dict()
             with self.runner.lock:
                 self.runner.apply(recipe)
+                faults.candidate_merged(self.runner.model)
                 check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
                 scores = fitness.score(self.runner.model, self.runner.tokenizer, recipe=recipe, genome=list(genome),
                                        processor=getattr(self.runner, "processor", None))
             record.update(fitness=scores["fitness"], accuracy=scores["accuracy"], metrics=scores["metrics"])
         except Exception as exc:  # a failed candidate must not end the run
-            record.update(fitness=fitness.worst, error=f"{type(exc).__name__}: {exc}",
-                          traceback=traceback.format_exc(limit=8))
+            if is_out_of_memory(exc):  # ... but a device out of memory must (see module docstring)
+                oom = out_of_memory_error(exc, generation=generation, index=index, split=split)
+            else:
+                record.update(fitness=fitness.worst, error=f"{type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc(limit=8))
+        if oom is not None:
+            _free_memory()  # here, once the failed frames are released
+            raise oom
         record["seconds"] = round(time.perf_counter() - started, 4)
         return record
 

@@ -52,6 +52,11 @@ class Fitness:
                                    required=self.scorer.required_columns(config.options))
             self.rows = self.scorer.prepare_rows(self.rows, spec, where, config.options)
         self.prompts = render_prompts(self.rows, config.prompt_template)
+        if not math.isfinite(self.worst):  # it is told to CMA-ES for every failed candidate
+            where = ("fitness.failure_fitness" if config.failure_fitness is not None
+                     else f"scorer {self.scorer.name!r} (its worst_fitness)")
+            raise ConfigError(f"{where} is {self.worst}, but a failed candidate's fitness must be a finite number; "
+                              "set fitness.failure_fitness to a finite value below any real fitness")
         if split == "train" and config.minibatch is not None and config.minibatch > len(self.rows):
             minibatch_indices(len(self.rows), config.minibatch, seed=0, generation=0)  # raises the ConfigError
 
