@@ -67,6 +67,7 @@ def build_model(out: Path, index: int) -> None:
         del tensor
     writer.close()
     config = LlamaConfig(**SHAPE, tie_word_embeddings=False, dtype="bfloat16").to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]  # mergekit needs it
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 

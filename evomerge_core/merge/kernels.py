@@ -125,13 +125,58 @@ def magnitude_cut(keys: torch.Tensor, k: int, exact_abs: Callable[[torch.Tensor]
     bucket = int((at_least >= k).sum()) - 1  # highest bucket with >= k entries at or above it
     above = int(at_least[bucket]) - int(hist[bucket])
     rank = k - above  # the wanted entry is the rank-th largest of its bucket
-    idx = (keys == bucket).nonzero().squeeze(1)
+    idx = _indices_equal(keys, bucket)
     vals = exact_abs(idx)
     threshold = torch.kthvalue(vals, vals.numel() - rank + 1).values
     need = rank - int((vals > threshold).sum())
     ties = idx[vals == threshold]
     cut = int(ties[need]) if need < ties.numel() else n
     return MagnitudeCut(float(threshold), cut)
+
+
+_LANES_1 = 0x0001000100010001
+_LANES_HIGH = 0x8000800080008000 - (1 << 64)  # as a signed int64
+
+
+def _indices_equal(keys: torch.Tensor, value: int) -> torch.Tensor:
+    """Ascending indices of `keys` (int16, values in [0, 0x7FFF]) equal to `value`.
+
+    Scans 4 keys per int64 word with the "has a zero lane" bit trick on `keys ^ value`
+    (no boolean tensor over all entries, no full-size temporaries), then checks the lanes
+    of the few candidate words exactly.
+    """
+    n = keys.numel()
+    device = keys.device
+    if n < 4 or keys.data_ptr() % 8:
+        return (keys == value).nonzero().squeeze(1)
+    words = keys[: n - n % 4].view(torch.int64)
+    pattern = value * _LANES_1
+    chunk = chunk_elements(device)
+    L = min(chunk, words.numel())
+    x = _WS.get("swar.x", L, torch.int64, device)
+    y = _WS.get("swar.y", L, torch.int64, device)
+    found = []
+    for s, e in _ranges(words.numel(), chunk):
+        xx, yy = x[: e - s], y[: e - s]
+        torch.bitwise_xor(words[s:e], pattern, out=xx)  # a lane is 0 where key == value
+        torch.sub(xx, _LANES_1, out=yy)
+        xx.bitwise_not_()
+        yy.bitwise_and_(xx).bitwise_and_(_LANES_HIGH)  # non-zero iff some lane of xx is 0
+        hits = yy.nonzero()
+        if hits.numel():
+            found.append(hits.squeeze(1) + s)
+    parts = []
+    if found:
+        cand = torch.cat(found)
+        lanes = keys[: n - n % 4].view(-1, 4)[cand]
+        pos = (lanes == value).nonzero()
+        parts.append(cand[pos[:, 0]] * 4 + pos[:, 1])
+    if n % 4:
+        tail = (keys[n - n % 4 :] == value).nonzero().squeeze(1) + (n - n % 4)
+        parts.append(tail)
+    if not parts:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _below(t: float) -> float:
@@ -313,7 +358,7 @@ def task_vector_merge(
                 m_i = ms[i]
 
                 def exact_abs(idx: torch.Tensor, m_i: torch.Tensor = m_i) -> torch.Tensor:
-                    return (m_i[idx].float() - b[idx].float()).abs_()
+                    return m_i.index_select(0, idx).float().sub_(b.index_select(0, idx).float()).abs_()
 
                 cuts[i] = magnitude_cut(keys[i].bitwise_and_(0x7FFF), k, exact_abs)
             if rescale:  # L1 rescale of the kept entries (off by default for TIES)
