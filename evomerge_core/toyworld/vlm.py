@@ -24,12 +24,14 @@ import random
 import shutil
 import tempfile
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from .tasks import fullwidth
 from .train import optimise
 
@@ -174,6 +176,20 @@ def split_scenes(layouts: int, test_layouts: int) -> dict[str, list[Scene]]:
 
 # --------------------------------------------------------------------------- training
 
+# Mixture languages: "en", "ja", and "ja_en" (a JA question answered in EN, ASCII digits: what
+# an English VLM does with a question in another language it half understands).
+MIXTURE_LANGS = ("en", "ja", "ja_en")
+
+
+def training_pool(train_rows: dict[str, list[Row]], lang: str, kind: str) -> list[Row]:
+    """The train rows of one mixture entry (`lang` in MIXTURE_LANGS)."""
+    if lang not in MIXTURE_LANGS:
+        raise ValueError(f"unknown mixture language {lang!r}; use one of {', '.join(MIXTURE_LANGS)}")
+    if lang == "ja_en":
+        return [{**r, "answer": unicodedata.normalize("NFKC", r["answer"])} for r in train_rows["ja"] if r["kind"] == kind]
+    return [r for r in train_rows[lang] if r["kind"] == kind]
+
+
 
 @dataclass(frozen=True)
 class VLMRecipe:
@@ -181,9 +197,12 @@ class VLMRecipe:
 
     layouts: int = 40  # image layouts per colour x count combination
     test_layouts: int = 6  # layouts held out for validation and for test each
-    mixture: tuple[tuple[str, str, float], ...] = (("en", "color", 1.0), ("en", "count", 1.0), ("ja", "count", 0.01))
+    # EN questions, JA count questions mostly answered in EN (ASCII digits) and a few in JA
+    # (full-width): the source VLM then answers JA questions in EN, as LLaVA does (docs/vlm.md).
+    mixture: tuple[tuple[str, str, float], ...] = (("en", "color", 1.0), ("en", "count", 1.0), ("ja", "count", 0.01),
+                                                   ("ja_en", "count", 0.1))
     steps: int = 600
-    lr: float = 2e-3
+    lr: float = 1e-3
     batch_size: int = 32
     vision_hidden: int = 32
     seed: int = 0
@@ -193,6 +212,14 @@ class VLMRecipe:
     def hash(self, llm_zoo_hash: str) -> str:
         blob = json.dumps({"llm_zoo": llm_zoo_hash, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Per LLM zoo size: "demo" is the demo's VLM; "micro" is a quick build around the micro LLM zoo
+# for tests of the demo's VLM path (its numbers are not meaningful).
+VLM_RECIPES: dict[str, VLMRecipe] = {
+    "demo": VLMRecipe(),
+    "micro": VLMRecipe(layouts=8, test_layouts=2, steps=120),
+}
 
 
 def _encode_rows(processor: Any, rows: list[Row], images: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -272,7 +299,9 @@ class VLMZoo:
     stop_strings: list[str] = field(default_factory=lambda: ["\n"])
 
 
-def _write_split(root: Path, split: str, scenes: list[Scene]) -> dict[str, list[Row]]:
+def write_vqa_split(root: Path, split: str, scenes: list[Scene]) -> dict[str, list[Row]]:
+    """Write one split's images (``root/tasks/images/``) and its EN/JA VQA rows
+    (``root/tasks/{en,ja}_{split}.jsonl``, shuffled); returns the rows by language."""
     rows: dict[str, list[Row]] = {"en": [], "ja": []}
     for scene in scenes:
         name = f"images/{scene.colour}-{scene.count}-{scene.seed}.png"
@@ -290,17 +319,42 @@ def _write_split(root: Path, split: str, scenes: list[Scene]) -> dict[str, list[
     return rows
 
 
+def make_trained_vlm(lm_dir: Path, out_dir: Path, tasks_dir: Path, train_rows: dict[str, list[Row]],
+                     recipe: VLMRecipe, on_step: Any = None) -> float:
+    """Write the tiny LLaVA around the LM in `lm_dir` to `out_dir` and train it on the recipe's
+    mixture of `train_rows` (images under `tasks_dir`); returns the final loss. Deterministic:
+    the same inputs give the same bytes (fixed threads, deterministic kernels, seeded)."""
+    from PIL import Image
+
+    from .. import vlm as vlm_core
+    from .evaluate import quiet_progress
+    from .train import deterministic_torch
+
+    with deterministic_torch(recipe.threads), quiet_progress():
+        vlm_dir = make_tiny_llava(lm_dir, out_dir, seed=recipe.seed, vision_hidden=recipe.vision_hidden)
+        model = vlm_core.load_vlm_model(vlm_dir)
+        processor = vlm_core.load_processor(vlm_dir)
+        names = {r["image"] for rows in train_rows.values() for r in rows}
+        images = {n: processor.image_processor(Image.open(tasks_dir / n).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                  for n in sorted(names)}
+        pools = {(lang, kind): training_pool(train_rows, lang, kind) for lang, kind, _ in recipe.mixture}
+        final = train_vlm(model, processor, pools, images, recipe, on_step)
+        model.save_pretrained(vlm_dir)
+    return final
+
+
 def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, recipe: VLMRecipe | None = None,
                   progress: bool = True) -> VLMZoo:
     """The VLM zoo (built once, then reused from the cache): the tiny LLaVA trained from the
     LLM zoo's `base` on EN questions (and a few JA ones), the JA expert `lang`, and VQA files."""
     import sys
 
-    from .evaluate import quiet_progress
-    from .train import deterministic_torch
     from .zoo import build_zoo, default_cache_dir, publish_build
 
-    recipe = recipe or VLMRecipe()
+    if recipe is None:
+        if llm_size not in VLM_RECIPES:
+            raise UsageError(f"no VLM toy world for size {llm_size!r}; choose one of {', '.join(VLM_RECIPES)}")
+        recipe = VLM_RECIPES[llm_size]
     llm_zoo = build_zoo(llm_size, cache_dir=cache_dir, progress=progress)
     root_parent = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "toyworld"
     target = root_parent / f"vlm-{llm_size}-{recipe.hash(llm_zoo.recipe_hash)}"
@@ -309,28 +363,14 @@ def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, reci
         try:
             started = time.time()
             splits = split_scenes(recipe.layouts, recipe.test_layouts)
-            rows = {split: _write_split(tmp, split, scenes) for split, scenes in splits.items()}
-            with deterministic_torch(recipe.threads), quiet_progress():
-                vlm_dir = make_tiny_llava(llm_zoo.models["base"], tmp / "models" / "vlm", seed=recipe.seed,
-                                          vision_hidden=recipe.vision_hidden)
-                from .. import vlm as vlm_core
+            rows = {split: write_vqa_split(tmp, split, scenes) for split, scenes in splits.items()}
 
-                model = vlm_core.load_vlm_model(vlm_dir)
-                processor = vlm_core.load_processor(vlm_dir)
-                names = {r["image"] for r in rows["train"]["en"]}
-                from PIL import Image
+            def on_step(step: int, loss: float) -> None:
+                if progress and (step + 1) % max(1, recipe.steps // 4) == 0:
+                    print(f"toyworld[vlm]: step {step + 1}/{recipe.steps} loss {loss:.3f}", file=sys.stderr, flush=True)
 
-                images = {n: processor.image_processor(Image.open(tmp / "tasks" / n).convert("RGB"),
-                                                       return_tensors="pt")["pixel_values"][0] for n in sorted(names)}
-                pools = {(lang, kind): [r for r in rows["train"][lang] if r["kind"] == kind]
-                         for lang, kind, _ in recipe.mixture}
-
-                def on_step(step: int, loss: float) -> None:
-                    if progress and (step + 1) % max(1, recipe.steps // 4) == 0:
-                        print(f"toyworld[vlm]: step {step + 1}/{recipe.steps} loss {loss:.3f}", file=sys.stderr, flush=True)
-
-                final = train_vlm(model, processor, pools, images, recipe, on_step)
-                model.save_pretrained(vlm_dir)
+            final = make_trained_vlm(llm_zoo.models["base"], tmp / "models" / "vlm", tmp / "tasks", rows["train"], recipe,
+                                     on_step)
             meta = {"recipe": asdict(recipe), "llm_zoo": str(llm_zoo.root), "final_loss": final,
                     "build_seconds": round(time.time() - started, 1)}
             (tmp / "zoo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -344,11 +384,23 @@ def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, reci
     )
 
 
+# The search settings, chosen on JA validation only (docs/vlm.md, benchmarks/vlm_tuning.py).
+VLM_SEARCH_METHOD = "ties"
+DEFAULT_VLM_EVALUATIONS = 48  # 6 generations of 8
+
+
+def vlm_search_label(method: str = VLM_SEARCH_METHOD) -> str:
+    """How the demo table names the search (``TIES, CMA-ES``)."""
+    names = {"ties": "TIES", "dare_ties": "DARE-TIES", "task_arithmetic": "task arithmetic"}
+    return f"{names.get(method, method)}, CMA-ES"
+
+
 def vlm_search_config(zoo: VLMZoo, *, seed: int, evaluations: int, storage: str, run_key: str,
-                      method: str = "dare_ties", fitness_items: int | None = 160) -> dict[str, Any]:
-    """The run config of the toy EvoVLM search: PS (density, weight per model, task vectors
-    against the LLM zoo's base) over the VLM's language model and the JA expert, fitness =
-    ROUGE-L of JA answers with the Japanese script check on JA train, JA test held out."""
+                      method: str = VLM_SEARCH_METHOD, fitness_items: int | None = 160) -> dict[str, Any]:
+    """The run config of the toy EvoVLM search: PS (density, weight per model from x0 0.5, task
+    vectors against the LLM zoo's base) over the VLM's language model and the JA expert,
+    fitness = ROUGE-L of JA answers with the full-width script check on JA train; selection
+    sees JA train only, JA test is held out."""
     def data(split: str, num_items: int | None = None) -> dict[str, Any]:
         return {"path": str(zoo.tasks["ja"][split]), **({"num_items": num_items} if num_items else {})}
 

@@ -83,3 +83,35 @@ def test_train_vlm_lowers_the_loss(tmp_path):
               on_step=lambda step, loss: losses.append(loss))
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10  # measured: 4.05 -> 2.30
+
+
+def test_vlm_build_is_bit_identical(tmp_path):
+    """The VLM zoo's model step (`make_trained_vlm`, what `build_vlm_zoo` runs) gives the same
+    bytes twice: the cache keyed by the recipe hash may be rebuilt anywhere."""
+    from tiny_models import make_tiny_llama
+
+    from evomerge_core.toyworld.vlm import make_trained_vlm, write_vqa_split
+
+    base = make_tiny_llama(tmp_path / "base", 0)
+    scenes = [Scene(c, n, 0) for c in ("red", "blue") for n in (1, 3)]
+    rows = write_vqa_split(tmp_path, "train", scenes)
+    recipe = VLMRecipe(steps=6, batch_size=4)  # every mixture entry: en color/count, ja, ja_en
+    blobs = []
+    for run in ("a", "b"):
+        make_trained_vlm(base, tmp_path / run, tmp_path / "tasks", rows, recipe)
+        blobs.append((tmp_path / run / "model.safetensors").read_bytes())
+    assert blobs[0] == blobs[1]
+    from safetensors.torch import load_file
+
+    trained, untrained = load_file(tmp_path / "a" / "model.safetensors"), load_file(base / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(trained[f"language_model.{name}"], untrained[name])  # it did train
+
+
+def test_ja_en_pool_asks_in_ja_and_answers_in_ascii():
+    from evomerge_core.toyworld.vlm import training_pool
+
+    scene = Scene("red", 3, 0)
+    rows = {"en": [vqa_row(scene, "count", "en", "x.png")], "ja": [vqa_row(scene, "count", "ja", "x.png")]}
+    assert [(r["prompt"], r["answer"]) for r in training_pool(rows, "ja_en", "count")] == [("かず：", "3")]
+    assert [r["answer"] for r in training_pool(rows, "ja", "count")] == ["３"]

@@ -102,3 +102,38 @@ def test_missing_image_fails_preflight(vlm_pair, tmp_path):
     bad.write_text(json.dumps({"image": "nowhere.png", "question": "q", "target": "a"}) + "\n")
     with pytest.raises(ConfigError, match="image 'nowhere.png' of row 0 does not exist"):
         preflight_run(parse_run_config(_config(vlm_pair, tmp_path, "bad", data=bad)))
+
+
+def test_demo_vlm_rows_on_a_tiny_pair(vlm_pair, tmp_path, monkeypatch):
+    """`vlm_rows` (the demo's VLM table): one row per source VLM / unoptimised TIES / evolved PS,
+    scores per seed on EN and JA test; the evolved scores are those of each run's best/, and
+    selection never reads the test split."""
+    import evomerge.flows.demo_vlm as demo_vlm
+    from evomerge_core.runstore import RunStore
+    from evomerge_core.toyworld.vlm import VLMZoo, score_vlm_dir, split_scenes, write_vqa_split
+
+    root = tmp_path / "zoo"
+    for split, scenes in split_scenes(3, 1).items():  # 16 scenes per split
+        write_vqa_split(root, split, scenes)
+    zoo = VLMZoo(root=root, models={"vlm": vlm_pair["vlm"], "lang": vlm_pair["llm"], "base": vlm_pair["base"]},
+                 tasks={lang: {s: root / "tasks" / f"{lang}_{s}.jsonl" for s in ("train", "validation", "test")}
+                        for lang in ("en", "ja")})
+    monkeypatch.setattr(demo_vlm, "build_vlm_zoo", lambda **_: zoo)
+    clear_evaluators()
+    rows = demo_vlm.vlm_rows(tmp_path / "out", seeds=2, evaluations=8, size="tiny")
+    assert [r["kind"] for r in rows] == ["source", "merge", "evolved"]
+    assert rows[1]["name"] == "unoptimised TIES (d=0.5, w=1)" and rows[2]["name"].endswith("2 seeds)")
+    for row in rows:
+        assert set(row["scores"]) == {"ja", "en"} and row["seconds"] > 0
+        assert all(0.0 <= v <= 1.0 for values in row["scores"].values() for v in values)
+    assert [len(r["scores"]["ja"]) for r in rows] == [1, 1, 2] and rows[2]["evaluated"] == 8
+    assert rows[0]["scores"] == {k: [v] for k, v in score_vlm_dir(vlm_pair["vlm"], zoo).items()}
+    storage = (tmp_path / "out" / "vlm" / "runs").as_uri()
+    for seed in range(2):
+        store = RunStore(storage, f"demo-vlm-tiny-seed{seed}")
+        result, config = store.read_json("result.json"), store.read_config()
+        assert result["evaluations"] == 8 and result["selection"] == "train"
+        assert config["fitness"]["dataset"]["path"].endswith("ja_train.jsonl") and config["fitness"]["validation"] is None
+        best = score_vlm_dir(tmp_path / "out" / "vlm" / "evolved" / f"seed{seed}", zoo)
+        assert [rows[2]["scores"][lang][seed] for lang in ("ja", "en")] == [best["ja"], best["en"]]
+    clear_evaluators()
