@@ -42,7 +42,9 @@ def search_config(storage: str, run_key: str, popsize: int, generations: int, wo
     cfg = demo_config(build_zoo("micro", progress=False), seed=0, evaluations=popsize * generations,
                       storage=storage, run_key=run_key)
     cfg["optimizer"] = {**cfg["optimizer"], "popsize": popsize}
-    cfg["fitness"] = {**cfg["fitness"], "test": None}
+    # The default candidate: fitness (answer log-likelihood) plus the reported accuracy (greedy
+    # generation + exact match, what accuracy_scorer "auto" gives); the demo itself skips the latter.
+    cfg["fitness"] = {**cfg["fitness"], "test": None, "accuracy_scorer": "exact_match"}
     cfg["runtime"] = {**cfg["runtime"], "torch_threads": 1,
                       "task_runner": {"kind": "dask", "workers": workers, "threads_per_worker": 1,
                                       "candidates_per_task": candidates_per_task}}

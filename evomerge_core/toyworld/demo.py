@@ -34,6 +34,7 @@ def _fitness(zoo: Zoo) -> dict[str, Any]:
         "dataset": {"path": str(zoo.tasks["union"]["train"]), "columns": {"prompt": "prompt", "answer": "answer"}},
         "test": {"path": str(zoo.tasks["union"]["test"]), "columns": {"prompt": "prompt", "answer": "answer"}},
         "scorer": "logprob",
+        "accuracy_scorer": "none",
         "prompt_template": zoo.prompt_template,
         "max_new_tokens": zoo.max_new_tokens,
         "stop_strings": list(zoo.stop_strings),
