@@ -1,6 +1,16 @@
 """One resident model per worker process: source weights are read once into memory, and each
-candidate recipe is merged tensor by tensor *in place* into the same model (no model reload,
-no state-dict copy: peak extra memory is one merged tensor).
+candidate recipe is merged *in place* into the same model (no model reload, no state-dict
+copy).
+
+Two ways to merge, chosen once per worker:
+
+- flat (models up to `FLAT_MAX_PARAMS` parameters, no tied weights, all sources the same
+  shapes): the sources are kept as flat float32 vectors with the task vectors, DARE uniforms
+  and TIES ranks cached once (`merge.flat`), and the model's weights are re-pointed to views of
+  one flat buffer, so a candidate is a few dozen whole-model tensor ops written straight into
+  the model;
+- per tensor (bigger models): the chunked kernels (`merge.kernels`) write each tensor straight
+  into its model weight; sources live on the model's device when they fit there.
 
 Thread safety: Prefect's default task runner runs mapped tasks in threads of one process.
 All of them share the cached `ResidentModel`; `ResidentModel.lock` must be held from `apply`
@@ -22,8 +32,14 @@ import torch
 
 from evomerge_core.errors import MergeError
 from evomerge_core.io import LazyModelReader
-from evomerge_core.merge.engine import merge_tensor, parse_dtype
+from evomerge_core.merge.engine import _merge_planned, parse_dtype
+from evomerge_core.merge.flat import FLAT_METHODS, FlatSources, all_finite, merge_flat
+from evomerge_core.merge.params import plan_recipe
 from evomerge_core.merge.recipe import MergeRecipe
+
+# Flat merging keeps up to ~14 bytes per parameter and source (float32 copies, task vectors,
+# DARE uniforms, TIES ranks); above this size the per-tensor kernels are as fast anyway.
+FLAT_MAX_PARAMS = 16_000_000
 
 
 class ResidentModel:
@@ -48,6 +64,10 @@ class ResidentModel:
         tok_dir = self.sources.get(tokenizer_source or reference, self.sources[reference])
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         self._targets = self._map_targets()
+        self.device = next(iter(self._targets.values())).device
+        self.flat: FlatSources | None = self._build_flat()
+        if self.flat is None:
+            self._sources_to_device()
         self.current: str | None = None  # hash of the recipe now merged in
 
     def _map_targets(self) -> dict[str, torch.Tensor]:
@@ -67,19 +87,75 @@ class ResidentModel:
             raise MergeError(f"model tensor {uncovered[0]} is not in the source weights; the sources cannot be merged in place")
         return targets
 
+    def _build_flat(self) -> FlatSources | None:
+        """Flat sources + the model's weights re-pointed into one buffer, when eligible."""
+        names = list(self._targets)
+        targets = list(self._targets.values())
+        total = sum(t.numel() for t in targets)
+        ref_sd = self.state_dicts[self.reference]
+        eligible = (
+            0 < total <= FLAT_MAX_PARAMS
+            and len({t.data_ptr() for t in targets}) == len(targets)  # no tied weights
+            and all(t.is_floating_point() and t.is_contiguous() for t in targets)
+            and all(n in sd and tuple(sd[n].shape) == tuple(ref_sd[n].shape) and sd[n].is_floating_point()
+                    for sd in self.state_dicts.values() for n in names)
+        )
+        dtype = targets[0].dtype
+        if not eligible or any(t.dtype != dtype for t in targets):
+            return None
+        flat = FlatSources(self.state_dicts, names, device=self.device)
+        self.state_dicts = {ref: flat.views(ref) for ref in self.state_dicts}  # no second copy
+        self._flat_weights = torch.empty(flat.numel, dtype=dtype, device=self.device)
+        for name, shape, (s, e) in zip(flat.names, flat.shapes, flat.segments()):
+            target = self._targets[name]
+            view = self._flat_weights[s:e].view(shape)
+            view.copy_(target.data)
+            target.data = view
+        self._flat_scratch = None if dtype == torch.float32 else torch.empty(flat.numel, dtype=torch.float32, device=self.device)
+        return flat
+
+    def _sources_to_device(self) -> None:
+        """Keep the sources on the model's device when they fit (half the free memory)."""
+        if self.device.type != "cuda":
+            return
+        need = sum(t.numel() * t.element_size() for sd in self.state_dicts.values() for t in sd.values())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need < free // 2:
+            self.state_dicts = {ref: {n: t.to(self.device) for n, t in sd.items()} for ref, sd in self.state_dicts.items()}
+
     @torch.no_grad()
     def apply(self, recipe: MergeRecipe) -> None:
         """Merge `recipe` into the resident model in place (caller holds `lock`)."""
         self.current = None
+        plan = plan_recipe(recipe)
+        if self.flat is not None and plan.method.name in FLAT_METHODS:
+            self._apply_flat(plan)
+        else:
+            self._apply_per_tensor(plan)
+        self.current = recipe_hash(recipe)
+
+    def _apply_flat(self, plan) -> None:
+        out = self._flat_weights if self._flat_scratch is None else self._flat_scratch
+        merge_flat(self.flat, plan, self.num_layers, out)
+        if not all_finite(out):
+            bad = next(n for n, (s, e) in zip(self.flat.names, self.flat.segments()) if not all_finite(out[s:e]))
+            raise MergeError(f"the merge produced non-finite values in tensor {bad}")
+        if self._flat_scratch is not None:
+            self._flat_weights.copy_(out)
+
+    def _apply_per_tensor(self, plan) -> None:
         for name, target in self._targets.items():
             tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
-            merged = merge_tensor(recipe, name, tensors, num_layers=self.num_layers)
-            if not bool(torch.isfinite(merged).all()):
-                raise MergeError(f"the merge produced non-finite values in tensor {name}")
+            if any(t.device != target.device for t in tensors.values()):
+                tensors = {ref: t.to(target.device) for ref, t in tensors.items()}
+            direct = target.is_contiguous() and target.is_floating_point()
+            merged = _merge_planned(plan, name, tensors, self.num_layers, out=target.data if direct else None)
             if tuple(merged.shape) != tuple(target.shape):
                 raise MergeError(f"merged tensor {name} has shape {list(merged.shape)}, the model expects {list(target.shape)}")
-            target.data.copy_(merged.to(dtype=target.dtype, device=target.device))
-        self.current = recipe_hash(recipe)
+            if not all_finite(merged):
+                raise MergeError(f"the merge produced non-finite values in tensor {name}")
+            if not direct:
+                target.data.copy_(merged.to(dtype=target.dtype, device=target.device))
 
 
 def recipe_hash(recipe: MergeRecipe) -> str:
