@@ -114,7 +114,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
     if "vlm" in spaces:
         from evomerge.flows.demo_vlm import vlm_rows as run_vlm_rows
 
-        vlm_rows = run_vlm_rows(out / "vlm", seeds=seeds, size=size)
+        vlm_rows = run_vlm_rows(out, seeds=seeds, size=size)
     paths = write_outputs(out, rows, curves, vlm_rows=vlm_rows)
     print("\n" + render_table(rows) + "\n", flush=True)
     print(paths["markdown"].read_text(encoding="utf-8").split("\n\n", 2)[-1], flush=True)
