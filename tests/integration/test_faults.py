@@ -102,6 +102,10 @@ def _error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error: ")]
 
 
+def _line(text: str, start: str) -> str | None:
+    return next((line for line in text.splitlines() if line.startswith(start)), None)
+
+
 def _result(storage: Path, run_key: str) -> dict:
     return json.loads((storage / run_key / "result.json").read_text())["payload"]
 
@@ -115,7 +119,7 @@ def _each_once(log: list[dict], history: list[dict]) -> None:
 # ----------------------------------------------------------------------------- 1. Dask worker killed
 
 REDONE = ("defect: Dask recomputes a finished candidate whose result lived on the killed worker (the task runs "
-          "again and re-evaluates it); fixed by the task reusing a stored candidate (diff in docs/reliability.md)")
+          "again and re-evaluates it); fix for tasks/evolve.py in docs/reliability.md (Known defects)")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +212,8 @@ def test_dask_worker_killed_without_retries_stops_with_one_error_and_resumes(das
     assert not dask_stopped["lease_left"]
     assert 0 < len(dask_stopped["stopped_log"]) < 8
     rc, out, err = dask_stopped["resume"]
+    print(f"\ndask stop: {len(dask_stopped['stopped_log'])} finished before the stop, "
+          f"{len(dask_stopped['log'])} in all for 8 candidates; {errors[0][:160]}")
     assert rc == 0, err[-3000:]
     assert "resuming from generation" in out or "reused" in out
     assert strip(_result(dask_stopped["runs"], "dask-stop")["history"]) == baseline
@@ -244,10 +250,13 @@ def test_out_of_memory_stops_with_one_error_and_resumes(fault, prefect_api, fami
     assert "run the same command again to resume" in errors[0]
     assert ("OutOfMemoryError" if fault == "oom" else "can't allocate memory") in errors[0]
     assert not (runs / f"oom-{fault}" / "latest.json").exists()  # generation 0 never completed
-    assert 2 <= len(read_log(eval_log)) < 4  # the others of generation 0 that finished were stored
+    stopped = len(read_log(eval_log))
+    assert 2 <= stopped < 4  # the others of generation 0 that finished were stored
     monkeypatch.delenv("EVOMERGE_FAULT")
     rc, out, err = _cli(capfd, "evolve", str(config))
     assert rc == 0, err[-3000:]
+    with capfd.disabled():
+        print(f"\n{fault}: {stopped} finished before the stop; resume: {_line(out, 'evaluations: ')}; {errors[0][:150]}")
     history = _result(runs, f"oom-{fault}")["history"]
     assert strip(history) == baseline
     _each_once(read_log(eval_log), history)
@@ -332,8 +341,8 @@ def test_generation_that_never_emits_its_stop_string_is_bounded(prefect_api, fam
 # ----------------------------------------------------------------------------- 5. disk full
 
 FILE_LIMIT = 64 * 1024  # bytes: every run-store document fits, a tiny model's weights (92 KB) do not
-NO_SPACE = ("defect: a write failing for lack of space gives a traceback (OSError, not an evomerge error) and leaves "
-            "the hidden staging dir behind (ShardedWriter.abort raises again on close); diff in docs/reliability.md")
+NO_SPACE = ("defect: a write failing for lack of space (ENOSPC, EDQUOT, EFBIG) ends in a traceback: OSError is not an "
+            "evomerge error; fix for flows/cli.py in docs/reliability.md (Known defects)")
 
 
 def _file_size_limit() -> None:
@@ -348,7 +357,8 @@ def _file_size_limit() -> None:
 def _subprocess_env(prefect_api: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "EVOMERGE_FAULT"))}
     env.update(PREFECT_HOME=os.environ["PREFECT_HOME"], PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "integration"), str(REPO / "tests")]), **extra)
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "integration"), str(REPO / "tests"),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]), **extra)
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
     return env
@@ -378,6 +388,8 @@ def test_disk_full_during_merge_leaves_no_out_dir_and_a_rerun_completes(merge_di
     assert full.returncode != 0
     assert "File too large" in full.stderr  # the failed write
     assert "merged" not in merge_disk_full["left"]  # no half-written OUT_DIR
+    print(f"\nmerge, disk full: exit {full.returncode}, left in the parent: {merge_disk_full['left']}, "
+          f"last line: {full.stderr.strip().splitlines()[-1][:200]}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out_dir / "model.safetensors").stat().st_size > FILE_LIMIT and (out_dir / "config.json").is_file()
 
@@ -447,7 +459,8 @@ def _closed_port() -> int:
 
 
 @pytest.mark.xfail(strict=True, reason="defect: an unreachable PREFECT_API_URL gives a 100-line traceback "
-                   "(RuntimeError: Failed to reach API) and creates the run directory; diff in docs/reliability.md")
+                   "(RuntimeError: Failed to reach API) and creates the run directory; fix for flows/cmd_evolve.py in "
+                   "docs/reliability.md (Known defects)")
 def test_prefect_api_unreachable_at_start_is_one_error_and_writes_nothing(prefect_api, family, data, tmp_path, capfd):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -483,8 +496,11 @@ def test_sigterm_stops_the_flow_and_a_resume_completes(prefect_api, family, data
     assert not (runs / "sigterm" / "lease.json").exists()  # released on the way out
     assert (runs / "sigterm" / "latest.json").exists()  # generation 0 was committed
     assert 6 <= len(read_log(eval_log)) <= 8  # the candidates in flight at the signal finish and are stored
+    finished = len(read_log(eval_log))
     rc, out, err = _cli(capfd, "evolve", str(config))
     assert rc == 0, err[-3000:]
+    with capfd.disabled():
+        print(f"\nsigterm: {finished} finished before exit; resume: {_line(out, 'evaluations: ')}")
     assert "resuming from generation 2/2: 4 evaluations restored from checkpoints" in out
     history = _result(runs, "sigterm")["history"]
     assert strip(history) == baseline
