@@ -288,7 +288,10 @@ class ShardedWriter:
     def abort(self) -> None:
         """Close any open file without finishing (the caller removes the directory)."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass  # a failed flush (disk full): the caller removes the directory
             self._fh = None
 
 

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from evomerge_core.errors import EvomergeError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file-size limit
 
 SUBCOMMANDS: dict[str, str] = {
     "merge": "One-shot merge from a mergekit YAML or an evomerge recipe into a model directory.",
@@ -47,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except EvomergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: a write failed: {exc.strerror or exc}{where}; free disk space (or raise the quota or file-size "
+              "limit) and run the same command again (nothing half-written is kept; evolve resumes where it stopped)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

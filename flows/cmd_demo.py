@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(spaces) - set(SPACES))
     if unknown or not spaces:
         raise UsageError(f"--spaces: unknown {unknown or 'empty list'}; choose from {', '.join(SPACES)}")
+    from evomerge.flows.prefect_api import check_api
+
+    check_api()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from evomerge.flows.demo import demo

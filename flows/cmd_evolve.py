@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     if overrides:
         config = parse_run_config({**config.model_dump(mode="json", exclude_unset=True), **overrides}, source=args.config)
     preflight(config)
+    from evomerge.flows.prefect_api import check_api
+
+    check_api()  # before the run store is touched
     check_run_free(config, resume=not args.no_resume)
     # Prefect's temporary API server gets 20 s to start by default; busy machines need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

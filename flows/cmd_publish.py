@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.dry_run)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--dry-run {out} exists and is not an empty directory; choose a new folder")
+    from evomerge.flows.prefect_api import check_api
+
+    check_api()
     if args.run:
         with tempfile.TemporaryDirectory(prefix="evomerge-run-check-") as tmp:
             core.load_run(core.open_run(args.run), Path(tmp))  # finished run? readable?

@@ -47,6 +47,11 @@ def evaluate_candidates(config: dict[str, Any], paths: dict[str, str], genomes: 
 
 def _evaluate_and_store(cfg: RunConfig, paths: dict[str, str], genome: list[float], generation: int, index: int,
                         key: str | None) -> dict[str, Any]:
+    if key is not None:  # already stored: Dask re-runs a task whose result died with its worker
+        store = resume.store_for(cfg)
+        stored = resume.with_retries(lambda: store.get_candidate(key), "read a stored candidate")
+        if stored is not None:
+            return {**stored, "generation": generation, "index": index}
     record = get_evaluator(cfg, paths).evaluate(genome, generation=generation, index=index)
     if key is not None:
         resume.store_candidate(cfg, key, record)

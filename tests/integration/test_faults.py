@@ -118,8 +118,6 @@ def _each_once(log: list[dict], history: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- 1. Dask worker killed
 
-REDONE = ("defect: Dask recomputes a finished candidate whose result lived on the killed worker (the task runs "
-          "again and re-evaluates it); fix for tasks/evolve.py in docs/reliability.md (Known defects)")
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +218,6 @@ def test_dask_worker_killed_without_retries_stops_with_one_error_and_resumes(das
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=REDONE)
 def test_dask_worker_killed_no_finished_evaluation_is_redone(dask_killed, dask_stopped):
     _each_once(dask_killed["log"], dask_killed["result"]["history"])
     _each_once(dask_stopped["log"], _result(dask_stopped["runs"], "dask-stop")["history"])
@@ -341,8 +338,6 @@ def test_generation_that_never_emits_its_stop_string_is_bounded(prefect_api, fam
 # ----------------------------------------------------------------------------- 5. disk full
 
 FILE_LIMIT = 64 * 1024  # bytes: every run-store document fits, a tiny model's weights (92 KB) do not
-NO_SPACE = ("defect: a write failing for lack of space (ENOSPC, EDQUOT, EFBIG) ends in a traceback: OSError is not an "
-            "evomerge error; fix for flows/cli.py in docs/reliability.md (Known defects)")
 
 
 def _file_size_limit() -> None:
@@ -394,7 +389,6 @@ def test_disk_full_during_merge_leaves_no_out_dir_and_a_rerun_completes(merge_di
     assert (out_dir / "model.safetensors").stat().st_size > FILE_LIMIT and (out_dir / "config.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=NO_SPACE)
 def test_disk_full_during_merge_is_one_clear_error_and_leaves_nothing(merge_disk_full):
     full = merge_disk_full["full"]
     assert "Traceback" not in full.stderr, full.stderr[-3000:]
@@ -440,7 +434,6 @@ def test_disk_full_while_materialising_best_loses_no_evaluation_and_resume_compl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=NO_SPACE)
 def test_disk_full_while_materialising_best_is_one_clear_error(materialise_disk_full):
     full = materialise_disk_full["full"]
     errors = _error_lines(full.stderr)
@@ -458,9 +451,6 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: an unreachable PREFECT_API_URL gives a 100-line traceback "
-                   "(RuntimeError: Failed to reach API) and creates the run directory; fix for flows/cmd_evolve.py in "
-                   "docs/reliability.md (Known defects)")
 def test_prefect_api_unreachable_at_start_is_one_error_and_writes_nothing(prefect_api, family, data, tmp_path, capfd):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
