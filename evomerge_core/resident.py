@@ -34,6 +34,7 @@ from evomerge_core.errors import MergeError
 from evomerge_core.io import LazyModelReader
 from evomerge_core.merge.engine import _merge_planned, parse_dtype
 from evomerge_core.merge.flat import FLAT_METHODS, FlatSources, all_finite, merge_flat
+from evomerge_core.merge.kernels import cpu_parallelism
 from evomerge_core.merge.params import plan_recipe
 from evomerge_core.merge.recipe import MergeRecipe
 
@@ -144,18 +145,23 @@ class ResidentModel:
             self._flat_weights.copy_(out)
 
     def _apply_per_tensor(self, plan) -> None:
-        for name, target in self._targets.items():
-            tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
-            if any(t.device != target.device for t in tensors.values()):
-                tensors = {ref: t.to(target.device) for ref, t in tensors.items()}
-            direct = target.is_contiguous() and target.is_floating_point()
-            merged = _merge_planned(plan, name, tensors, self.num_layers, out=target.data if direct else None)
-            if tuple(merged.shape) != tuple(target.shape):
-                raise MergeError(f"merged tensor {name} has shape {list(merged.shape)}, the model expects {list(target.shape)}")
-            if not all_finite(merged):
-                raise MergeError(f"the merge produced non-finite values in tensor {name}")
-            if not direct:
-                target.data.copy_(merged.to(dtype=target.dtype, device=target.device))
+        with cpu_parallelism(None if self.device.type == "cpu" else 1):
+            for name, target in self._targets.items():
+                self._merge_into(plan, name, target)
+
+    def _merge_into(self, plan, name: str, target: torch.Tensor) -> None:
+        """One tensor of the per-tensor path, written straight into its weight when possible."""
+        tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
+        if any(t.device != target.device for t in tensors.values()):
+            tensors = {ref: t.to(target.device) for ref, t in tensors.items()}
+        direct = target.is_contiguous() and target.is_floating_point()
+        merged = _merge_planned(plan, name, tensors, self.num_layers, out=target.data if direct else None)
+        if tuple(merged.shape) != tuple(target.shape):
+            raise MergeError(f"merged tensor {name} has shape {list(merged.shape)}, the model expects {list(target.shape)}")
+        if not all_finite(merged):
+            raise MergeError(f"the merge produced non-finite values in tensor {name}")
+        if not direct:
+            target.data.copy_(merged.to(dtype=target.dtype, device=target.device))
 
 
 def recipe_hash(recipe: MergeRecipe) -> str:

@@ -25,7 +25,7 @@ from evomerge_core.architectures import is_vocab_tensor
 from evomerge_core.errors import MergeError
 from evomerge_core.io import TOKENIZER_FILES, PlannedTensor, copy_files, replace_dir
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
-from evomerge_core.merge.kernels import release_workspace
+from evomerge_core.merge.kernels import cpu_parallelism, release_workspace
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params
 from evomerge_core.merge.recipe import MergeRecipe
 from evomerge_core.sources import validate_sources
@@ -209,32 +209,8 @@ def merge_to_dir(
     writer = DirectShardedWriter(tmp, planned, shard_size)
     on_cpu = torch.device(device).type == "cpu"
     try:
-        bar = _progress(len(planned), progress)
-        for pos, item in enumerate(planned):
-            if pos + 1 < len(planned):
-                for src in models.values():
-                    src.prefetch(planned[pos + 1].name)
-            dst = writer.buffer(item.name)
-            if info.tensor_dtypes[item.name].is_floating_point:  # type: ignore[union-attr]
-                # Source-dtype views of the mapped files; the kernels convert chunk by chunk.
-                tensors = {m: src.get(item.name) for m, src in models.items()}
-                if on_cpu:
-                    _merge_planned(plan, item.name, tensors, info.num_layers, out=dst)
-                else:
-                    tensors = {m: t.to(device) for m, t in tensors.items()}
-                    merged = _merge_planned(plan, item.name, tensors, info.num_layers,
-                                            out=torch.empty(dst.shape, dtype=dst.dtype, device=device))
-                    dst.copy_(merged)
-                    del merged
-            else:  # integer buffers (rare) are taken from the reference model unchanged
-                tensors = {}
-                dst.copy_(models[plan.reference].get(item.name))
-            writer.commit(item.name)
-            del tensors, dst
-            for src in models.values():
-                src.release(item.name)
-            bar.update(1)
-        bar.close()
+        with cpu_parallelism(None if on_cpu else 1):
+            _stream(plan, planned, info, models, writer, device, on_cpu, progress)
         writer.close()
         _write_aux(recipe, plan, sources, tmp, out_dtype)
         replace_dir(tmp, out_dir)
@@ -247,6 +223,37 @@ def merge_to_dir(
             src.close()
         release_workspace()
     return out_dir
+
+
+def _stream(plan: MergePlan, planned: list[PlannedTensor], info, models: Mapping[str, MappedModel],
+            writer: DirectShardedWriter, device: str, on_cpu: bool, progress: bool) -> None:
+    """Merge every planned tensor into the writer, in order."""
+    bar = _progress(len(planned), progress)
+    for pos, item in enumerate(planned):
+        if pos + 1 < len(planned):
+            for src in models.values():
+                src.prefetch(planned[pos + 1].name)
+        dst = writer.buffer(item.name)
+        if info.tensor_dtypes[item.name].is_floating_point:  # type: ignore[union-attr]
+            # Source-dtype views of the mapped files; the kernels convert chunk by chunk.
+            tensors = {m: src.get(item.name) for m, src in models.items()}
+            if on_cpu:
+                _merge_planned(plan, item.name, tensors, info.num_layers, out=dst)
+            else:
+                tensors = {m: t.to(device) for m, t in tensors.items()}
+                merged = _merge_planned(plan, item.name, tensors, info.num_layers,
+                                        out=torch.empty(dst.shape, dtype=dst.dtype, device=device))
+                dst.copy_(merged)
+                del merged
+        else:  # integer buffers (rare) are taken from the reference model unchanged
+            tensors = {}
+            dst.copy_(models[plan.reference].get(item.name))
+        writer.commit(item.name)
+        del tensors, dst
+        for src in models.values():
+            src.release(item.name)
+        bar.update(1)
+    bar.close()
 
 
 def tokenizer_ref(recipe: MergeRecipe, plan: MergePlan) -> str:

@@ -22,10 +22,13 @@ Semantics are those of `evomerge_core.merge.methods` (mergekit 0.1.5), with thes
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -49,27 +52,111 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
 
 
-class _Workspace(threading.local):
-    """Grow-only scratch buffers, one set per thread."""
+class _Workspace:
+    """Grow-only scratch buffers, one set per thread (kernel chunks may run on pool threads)."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._per_thread: dict[int, dict[tuple[str, torch.dtype, str], torch.Tensor]] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        tid = threading.get_ident()
+        buffers = self._per_thread.get(tid)
+        if buffers is None:
+            with self._lock:
+                buffers = self._per_thread.setdefault(tid, {})
         key = (name, dtype, str(device))
-        buf = self.buffers.get(key)
+        buf = buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-            self.buffers[key] = buf
+            buffers[key] = buf
         return buf[:numel]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._per_thread.clear()
 
 
 _WS = _Workspace()
 
 
 def release_workspace() -> None:
-    """Free this thread's scratch buffers (they are kept between calls for speed)."""
-    _WS.buffers.clear()
+    """Free the kernels' scratch buffers (kept between calls for speed; call when idle)."""
+    _WS.clear()
+
+
+# --------------------------------------------------------------------------- CPU parallelism
+#
+# torch's own intra-op threads (OpenMP) synchronise at the end of every op; with the many
+# cache-sized ops of a chunked kernel, a busy core (a shared machine) stalls every op. Inside
+# `cpu_parallelism` torch runs single-threaded and whole chunks are spread over Python threads
+# instead (torch releases the GIL), taken from a shared counter: a slow thread just takes fewer
+# chunks. Results never depend on the number of threads (per-chunk partial sums are combined in
+# chunk order).
+
+_STATE = threading.local()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+@contextmanager
+def cpu_parallelism(workers: int | None = None) -> Iterator[int]:
+    """Run kernel chunk loops on `workers` threads (default: torch's thread count), with
+    torch's intra-op threads set to 1 meanwhile (restored on exit). Nested use keeps the outer
+    setting."""
+    if getattr(_STATE, "workers", 0):
+        yield _STATE.workers
+        return
+    before = torch.get_num_threads()
+    workers = max(1, int(workers if workers is not None else before))
+    _STATE.workers = workers
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        yield workers
+    finally:
+        _STATE.workers = 0
+        if workers > 1:
+            torch.set_num_threads(before)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-kernel")
+        return _POOL
+
+
+def _for_each(count: int, fn: Callable[[int], None], device: torch.device) -> None:
+    """fn(0) .. fn(count - 1), spread over the `cpu_parallelism` threads on CPU."""
+    workers = min(getattr(_STATE, "workers", 0) or 1, count)
+    if workers <= 1 or device.type != "cpu":
+        for i in range(count):
+            fn(i)
+        return
+    counter = itertools.count()
+
+    def worker() -> None:
+        torch.set_num_threads(1)
+        for i in iter(lambda: next(counter), None):
+            if i >= count:
+                return
+            fn(i)
+
+    futures = [_pool(workers).submit(worker) for _ in range(workers - 1)]
+    error: BaseException | None = None
+    try:
+        worker()
+    except BaseException as exc:  # let the other threads finish, then raise
+        error = exc
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _check_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple[torch.Size, torch.device]:
@@ -322,179 +409,205 @@ def task_vector_merge(
     if not tensors:
         flat_out.copy_(_flat(base))
         return out
-    chunk = chunk_elements(device)
-    ranges = _ranges(n, chunk)
-    L = min(chunk, n)
-    b = _flat(base)
-    ms = [_flat(t) for t in tensors]
-    ws = lambda name, dtype=torch.float32, numel=L: _WS.get(name, numel, dtype, device)  # noqa: E731
-    bf = ws("base")
-    ds = [ws(f"d{i}") for i in range(len(ms))]
-    scales = [float(sp.weight) for sp in specs]
-    live = list(range(len(ms)))
-    cuts: dict[int, MagnitudeCut] = {}
-    stored_u: dict[int, torch.Tensor] = {}
-    maskers: dict[int, DareMasker] = {}
-
+    job = _TaskVectorJob(_flat(base), [_flat(t) for t in tensors], specs, device, n)
+    live = list(range(len(tensors)))
     if sparsification == "magnitude":
-        todo = []
         for i, sp in enumerate(specs):
-            k = magnitude_k(float(sp.density), n)
-            if k == 0:
+            if magnitude_k(float(sp.density), n) == 0:
                 live.remove(i)  # everything dropped: contributes nothing, agrees nowhere
-            elif k < n:
-                todo.append((i, k))
-        if todo:
-            keys = {i: ws(f"keys{i}", torch.int16, n) for i, _ in todo}
-            for s, e in ranges:
-                c = bf[: e - s]
-                c.copy_(b[s:e])
-                for i, _ in todo:
-                    d = ds[i][: e - s]
-                    d.copy_(ms[i][s:e])
-                    d.sub_(c)
-                    keys[i][s:e].view(torch.bfloat16).copy_(d)  # rounding is sign-symmetric
-            for i, k in todo:
-                m_i = ms[i]
-
-                def exact_abs(idx: torch.Tensor, m_i: torch.Tensor = m_i) -> torch.Tensor:
-                    return m_i.index_select(0, idx).float().sub_(b.index_select(0, idx).float()).abs_()
-
-                cuts[i] = magnitude_cut(keys[i].bitwise_and_(0x7FFF), k, exact_abs)
-            if rescale:  # L1 rescale of the kept entries (off by default for TIES)
-                _rescale_by_cuts(b, ms, cuts, scales, ranges, bf, ds, ws("a"))
+        job.magnitude([i for i in live if magnitude_k(float(specs[i].density), n) < n], rescale)
     elif sparsification == "random":
-        for i, sp in enumerate(specs):
+        job.random(rescale)
+    job.combine(live, consensus, normalize, float(lam), flat_out)
+    return out
+
+
+class _TaskVectorJob:
+    """The passes of `task_vector_merge` over one tensor, chunk by chunk."""
+
+    def __init__(self, base: torch.Tensor, ms: list[torch.Tensor], specs: Sequence[TaskVectorSpec], device: torch.device, n: int) -> None:
+        self.b, self.ms, self.specs, self.device, self.n = base, ms, specs, device, n
+        self.chunk = chunk_elements(device)
+        self.ranges = _ranges(n, self.chunk)
+        self.L = min(self.chunk, n)
+        self.weights = [float(sp.weight) for sp in specs]
+        self.scales = list(self.weights)
+        self.cuts: dict[int, MagnitudeCut] = {}
+        self.maskers: dict[int, DareMasker] = {}
+        self.stored_u: dict[int, torch.Tensor] = {}
+
+    def buf(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return _WS.get(name, self.L, dtype, self.device)
+
+    def delta(self, i: int, s: int, e: int, base_chunk: torch.Tensor) -> torch.Tensor:
+        """model_i - base on entries [s, e) in float32 (a workspace buffer)."""
+        d = self.buf(f"d{i}")[: e - s]
+        d.copy_(self.ms[i][s:e])
+        return d.sub_(base_chunk)
+
+    def base_chunk(self, s: int, e: int) -> torch.Tensor:
+        c = self.buf("base")[: e - s]
+        return c.copy_(self.b[s:e])
+
+    def chunks(self, fn: Callable[[int, int], Any]) -> list[Any]:
+        """fn(s, e) for every chunk (in parallel inside `cpu_parallelism`); results in order."""
+        results: list[Any] = [None] * len(self.ranges)
+
+        def run(j: int) -> None:
+            results[j] = fn(*self.ranges[j])
+
+        _for_each(len(self.ranges), run, self.device)
+        return results
+
+    # ------------------------------------------------------------------ sparsification
+
+    def magnitude(self, todo: list[int], rescale: bool) -> None:
+        """TIES: the exact top-k cut of each model in `todo` (bf16 keys, then selection)."""
+        if not todo:
+            return
+        keys = {i: _WS.get(f"keys{i}", self.n, torch.int16, self.device) for i in todo}
+
+        def pass_a(s: int, e: int) -> None:
+            c = self.base_chunk(s, e)
+            for i in todo:
+                keys[i][s:e].view(torch.bfloat16).copy_(self.delta(i, s, e, c))  # sign-symmetric rounding
+
+        self.chunks(pass_a)
+        b = self.b
+
+        def select(j: int) -> None:
+            i = todo[j]
+            m_i = self.ms[i]
+
+            def exact_abs(idx: torch.Tensor) -> torch.Tensor:
+                return m_i.index_select(0, idx).float().sub_(b.index_select(0, idx).float()).abs_()
+
+            k = magnitude_k(float(self.specs[i].density), self.n)
+            self.cuts[i] = magnitude_cut(keys[i].bitwise_and_(0x7FFF), k, exact_abs)
+
+        _for_each(len(todo), select, self.device)
+        if rescale:  # L1 rescale of the kept entries (off by default for TIES)
+            def sums(s: int, e: int) -> dict[int, tuple[float, float]]:
+                c = self.base_chunk(s, e)
+                a = self.buf("a")[: e - s]
+                got = {}
+                for i in self.cuts:
+                    torch.abs(self.delta(i, s, e, c), out=a)
+                    before = float(a.sum())
+                    _shrink_by_cut_(a, self.cuts[i], s, e)
+                    got[i] = (before, float(a.sum()))
+                return got
+
+            self._apply_rescale(self.chunks(sums), list(self.cuts))
+
+    def random(self, rescale: bool) -> None:
+        """DARE: the mask generators, and with `rescale` the L1 factors (uniforms stored)."""
+        for i, sp in enumerate(self.specs):
             if float(sp.density) >= 1:
                 continue
             if sp.seed is None:
                 raise MergeError("DARE needs a seed per model; pass TaskVectorSpec(seed=...)")
-            mk = DareMasker(sp.seed, float(sp.density), device)
+            mk = DareMasker(sp.seed, float(sp.density), self.device)
             if not mk.keep_all:
-                maskers[i] = mk
-        if maskers and rescale:
-            a = ws("a")
-            nm = ws("nm")
-            before = {i: 0.0 for i in maskers}
-            after = {i: 0.0 for i in maskers}
-            for i in maskers:
-                stored_u[i] = ws(f"u{i}", torch.int16, n)
-            for s, e in ranges:
-                c = bf[: e - s]
-                c.copy_(b[s:e])
-                aa, mm = a[: e - s], nm[: e - s]
-                for i, mk in maskers.items():
-                    u = mk.uniforms(s, e)
-                    stored_u[i][s:e].copy_(u)
-                    d = ds[i][: e - s]
-                    d.copy_(ms[i][s:e])
-                    d.sub_(c)
-                    torch.abs(d, out=aa)
-                    before[i] += float(aa.sum())
-                    aa.mul_(mk.neg_mask_into(u, mm))
-                    after[i] -= float(aa.sum())
-            for i in maskers:
-                if before[i] >= 1e-7 and after[i] >= 1e-7:
-                    scales[i] *= before[i] / after[i]
+                self.maskers[i] = mk
+        if not self.maskers or not rescale:
+            return
+        for i in self.maskers:
+            self.stored_u[i] = _WS.get(f"u{i}", self.n, torch.int16, self.device)
 
-    weights = [float(sp.weight) for sp in specs]
-    acc = ws("acc")
-    nm = ws("nm")
-    if consensus:
-        sgn = ws("sgn")
-        ones = ws("ones")
-        ones.fill_(1.0)
-        tmp = ws("a")
-        div = ws("div") if normalize else None
-    wsum = sum(weights)
-    plain_div = 1.0 if abs(wsum) < 1e-8 else wsum
-    live_weights = [weights[i] for i in live]
-    safe_div = bool(live_weights) and min(live_weights) > 1e-20  # divisor 0 <=> no agreeing entry
-    for s, e in ranges:
-        L_ = e - s
-        c = bf[:L_]
-        c.copy_(b[s:e])
-        o = acc[:L_]
-        wds = []
-        for i in live:
-            d = ds[i][:L_]
-            d.copy_(ms[i][s:e])
-            d.sub_(c)
-            if i in cuts:
-                _shrink_by_cut_(d, cuts[i], s, e)
-            elif i in maskers:
-                u = stored_u[i][s:e] if i in stored_u else maskers[i].uniforms(s, e)
-                d.mul_(maskers[i].neg_mask_into(u, nm[:L_]))
-                scale = -scales[i]
+        def sums(s: int, e: int) -> dict[int, tuple[float, float]]:
+            c = self.base_chunk(s, e)
+            a, nm = self.buf("a")[: e - s], self.buf("nm")[: e - s]
+            got = {}
+            for i, mk in self.maskers.items():
+                u = mk.uniforms(s, e)
+                self.stored_u[i][s:e].copy_(u)
+                torch.abs(self.delta(i, s, e, c), out=a)
+                before = float(a.sum())
+                a.mul_(mk.neg_mask_into(u, nm))
+                got[i] = (before, -float(a.sum()))
+            return got
+
+        self._apply_rescale(self.chunks(sums), list(self.maskers))
+
+    def _apply_rescale(self, per_chunk: list[dict[int, tuple[float, float]]], models: list[int]) -> None:
+        for i in models:
+            before = sum(r[i][0] for r in per_chunk)  # chunk order: independent of threads
+            after = sum(r[i][1] for r in per_chunk)
+            if before >= 1e-7 and after >= 1e-7:
+                self.scales[i] *= before / after
+
+    # ------------------------------------------------------------------ combine
+
+    def combine(self, live: list[int], consensus: bool, normalize: bool, lam: float, flat_out: torch.Tensor) -> None:
+        """The final pass: weighted (masked) task vectors, sign election, normalisation, + base."""
+        wsum = sum(self.weights)
+        plain_div = 1.0 if abs(wsum) < 1e-8 else wsum
+        live_weights = [self.weights[i] for i in live]
+        safe_div = bool(live_weights) and min(live_weights) > 1e-20  # divisor 0 <=> no agreeing entry
+
+        def chunk(s: int, e: int) -> None:
+            L_ = e - s
+            c = self.base_chunk(s, e)
+            o = self.buf("acc")[:L_]
+            wds = []
+            for i in live:
+                d = self.delta(i, s, e, c)
+                scale = self.scales[i]
+                if i in self.cuts:
+                    _shrink_by_cut_(d, self.cuts[i], s, e)
+                elif i in self.maskers:
+                    u = self.stored_u[i][s:e] if i in self.stored_u else self.maskers[i].uniforms(s, e)
+                    d.mul_(self.maskers[i].neg_mask_into(u, self.buf("nm")[:L_]))
+                    scale = -scale
                 d.mul_(scale)
-                wds.append((d, weights[i]))
-                continue
-            d.mul_(scales[i])
-            wds.append((d, weights[i]))
-        if not wds:
-            o.zero_()
-        elif consensus:
-            g = sgn[:L_]
-            o.copy_(wds[0][0])
-            for d, _ in wds[1:]:
-                o.add_(d)
-            torch.copysign(ones[:L_], o, out=g)  # elected sign: -0.0 only when every entry is 0
-            t = tmp[:L_]
-            for j, (d, w) in enumerate(wds):
-                d.mul_(g)
-                if j == 0:
-                    torch.clamp_min(d, 0.0, out=o)
-                    d = o
-                else:
-                    d.clamp_min_(0.0)
-                if div is not None:
-                    dv = div[:L_]
-                    torch.sign(d, out=t)  # 1 where the entry agrees with the elected sign
-                    if j == 0:
-                        torch.mul(t, w, out=dv)
-                    else:
-                        dv.add_(t, alpha=w)
-                if j > 0:
+                wds.append((d, self.weights[i]))
+            if not wds:
+                o.zero_()
+            elif consensus:
+                g = self.buf("sgn")[:L_]
+                ones = self.buf("ones")[:L_]
+                ones.fill_(1.0)
+                o.copy_(wds[0][0])
+                for d, _ in wds[1:]:
                     o.add_(d)
-            if div is not None:
-                dv = div[:L_]
-                if safe_div:
-                    dv.clamp_min_(1e-30)  # 0 only where nothing agrees, and there o is 0 too
-                else:
-                    dv.masked_fill_(dv == 0, 1.0)
-                o.div_(dv)
-            o.mul_(g)
-        else:
-            o.copy_(wds[0][0])
-            for d, _ in wds[1:]:
-                o.add_(d)
-            if normalize:
-                o.div_(plain_div)
-        if lam != 1:
-            o.mul_(lam)
-        o.add_(c)
-        flat_out[s:e].copy_(o)
-    return out
+                torch.copysign(ones, o, out=g)  # elected sign: -0.0 only when every entry is 0
+                t = self.buf("a")[:L_]
+                dv = self.buf("div")[:L_] if normalize else None
+                for j, (d, w) in enumerate(wds):
+                    d.mul_(g)
+                    if j == 0:
+                        torch.clamp_min(d, 0.0, out=o)
+                        d = o
+                    else:
+                        d.clamp_min_(0.0)
+                    if dv is not None:
+                        torch.sign(d, out=t)  # 1 where the entry agrees with the elected sign
+                        if j == 0:
+                            torch.mul(t, w, out=dv)
+                        else:
+                            dv.add_(t, alpha=w)
+                    if j > 0:
+                        o.add_(d)
+                if dv is not None:
+                    if safe_div:
+                        dv.clamp_min_(1e-30)  # 0 only where nothing agrees, and there o is 0 too
+                    else:
+                        dv.masked_fill_(dv == 0, 1.0)
+                    o.div_(dv)
+                o.mul_(g)
+            else:
+                o.copy_(wds[0][0])
+                for d, _ in wds[1:]:
+                    o.add_(d)
+                if normalize:
+                    o.div_(plain_div)
+            if lam != 1:
+                o.mul_(lam)
+            o.add_(c)
+            flat_out[s:e].copy_(o)
 
-
-def _rescale_by_cuts(b, ms, cuts, scales, ranges, bf, ds, a) -> None:
-    before = {i: 0.0 for i in cuts}
-    after = {i: 0.0 for i in cuts}
-    for s, e in ranges:
-        c = bf[: e - s]
-        c.copy_(b[s:e])
-        aa = a[: e - s]
-        for i, cut in cuts.items():
-            d = ds[i][: e - s]
-            d.copy_(ms[i][s:e])
-            d.sub_(c)
-            torch.abs(d, out=aa)
-            before[i] += float(aa.sum())
-            _shrink_by_cut_(aa, cut, s, e)
-            after[i] += float(aa.sum())
-    for i in cuts:
-        if before[i] >= 1e-7 and after[i] >= 1e-7:
-            scales[i] *= before[i] / after[i]
+        self.chunks(chunk)
 
 
 # --------------------------------------------------------------------------- linear, slerp
@@ -517,22 +630,26 @@ def linear_merge(
     n = out.numel()
     chunk = chunk_elements(device)
     L = min(chunk, n)
-    acc = _WS.get("acc", L, torch.float32, device)
-    x = _WS.get("d0", L, torch.float32, device)
     flat = [_flat(t) for t in tensors]
     flat_out = out.view(-1)
-    for s, e in _ranges(n, chunk):
-        o, xx = acc[: e - s], x[: e - s]
-        for j, (t, w) in enumerate(zip(flat, weights)):
-            if j == 0:
+    ranges = _ranges(n, chunk)
+
+    def run(j: int) -> None:
+        s, e = ranges[j]
+        o = _WS.get("acc", L, torch.float32, device)[: e - s]
+        x = _WS.get("d0", L, torch.float32, device)[: e - s]
+        for k, (t, w) in enumerate(zip(flat, weights)):
+            if k == 0:
                 o.copy_(t[s:e])
                 o.mul_(float(w))
             else:
-                xx.copy_(t[s:e])
-                o.add_(xx, alpha=float(w))
+                x.copy_(t[s:e])
+                o.add_(x, alpha=float(w))
         if normalize:
             o.div_(total)
         flat_out[s:e].copy_(o)
+
+    _for_each(len(ranges), run, device)
     return out
 
 
@@ -544,16 +661,19 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_thresho
     device = a.device
     chunk = chunk_elements(device)
     L = min(chunk, n) if n else 1
-    x = _WS.get("s0", L, torch.float64, device)
-    y = _WS.get("s1", L, torch.float64, device)
-    dot = aa = bb = 0.0
-    for s, e in _ranges(n, chunk):
-        xx, yy = x[: e - s], y[: e - s]
+    ranges = _ranges(n, chunk)
+    parts: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(ranges)
+
+    def run(j: int) -> None:
+        s, e = ranges[j]
+        xx = _WS.get("s0", L, torch.float64, device)[: e - s]
+        yy = _WS.get("s1", L, torch.float64, device)[: e - s]
         xx.copy_(a[s:e])
         yy.copy_(b[s:e])
-        dot += float(torch.dot(xx, yy))
-        aa += float(torch.dot(xx, xx))
-        bb += float(torch.dot(yy, yy))
+        parts[j] = (float(torch.dot(xx, yy)), float(torch.dot(xx, xx)), float(torch.dot(yy, yy)))
+
+    _for_each(len(ranges), run, device)
+    dot, aa, bb = (sum(p[k] for p in parts) for k in range(3))
     na, nb = math.sqrt(aa), math.sqrt(bb)
     na = na if na > eps else 1.0
     nb = nb if nb > eps else 1.0
@@ -580,17 +700,21 @@ def scaled_sum(
     n = out.numel()
     chunk = chunk_elements(device)
     L = min(chunk, n)
-    acc = _WS.get("acc", L, torch.float32, device)
-    x = _WS.get("d0", L, torch.float32, device)
     a, b, flat_out = _flat(v0), _flat(v1), out.view(-1)
-    for s, e in _ranges(n, chunk):
-        o, xx = acc[: e - s], x[: e - s]
+    ranges = _ranges(n, chunk)
+
+    def run(j: int) -> None:
+        s, e = ranges[j]
+        o = _WS.get("acc", L, torch.float32, device)[: e - s]
+        xx = _WS.get("d0", L, torch.float32, device)[: e - s]
         o.copy_(a[s:e])
         o.mul_(float(c0))
         xx.copy_(b[s:e])
         xx.mul_(float(c1))
         o.add_(xx)
         flat_out[s:e].copy_(o)
+
+    _for_each(len(ranges), run, device)
     return out
 
 

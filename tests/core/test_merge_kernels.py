@@ -241,3 +241,37 @@ def test_kernels_do_not_modify_inputs(small_chunks):
         task_vector_merge(base, tensors, specs, sparsification=sp, consensus=True, normalize=True, lam=1.0, rescale=True)
     kernels.slerp_merge(0.5, base, tensors[0])
     assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threaded_chunks_give_identical_results(small_chunks, workers):
+    base, tensors = _family((40, 53), dtype=torch.bfloat16, models=3)
+    specs = [TaskVectorSpec(0.6, 0.4, seed=1), TaskVectorSpec(0.7, 0.5, seed=2), TaskVectorSpec(0.2, 0.9, seed=3)]
+    runs = {}
+    for label, ctx in (("seq", None), ("par", workers)):
+        outs = []
+        threads_before = torch.get_num_threads()
+        with kernels.cpu_parallelism(ctx if ctx else 1):
+            for sp in ("magnitude", "random", None):
+                outs.append(task_vector_merge(base, tensors, specs, sparsification=sp, consensus=True, normalize=True, lam=0.9, rescale=True))
+            outs.append(kernels.linear_merge(tensors, [0.2, 0.3, 0.5], normalize=True))
+            outs.append(kernels.slerp_merge(0.3, base, tensors[0]))
+        assert torch.get_num_threads() == threads_before
+        runs[label] = outs
+    assert all(torch.equal(a, b) for a, b in zip(runs["seq"], runs["par"]))
+
+
+def test_errors_in_worker_threads_propagate_after_all_threads_stop():
+    import threading
+
+    seen, failed_in = [], []
+
+    def fn(i):
+        seen.append(i)
+        if i == 7:
+            failed_in.append(threading.get_ident())
+            raise ValueError("chunk 7 failed")
+
+    with kernels.cpu_parallelism(3), pytest.raises(ValueError, match="chunk 7"):
+        kernels._for_each(40, fn, torch.device("cpu"))
+    assert 7 in seen and len(set(seen)) == len(seen)
