@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ties_48": {"method": "ties", "evals": 48},
     "ties_48_f64": {"method": "ties", "evals": 48, "items": 64},
     "ties_96": {"method": "ties", "evals": 96},
+    "ties_144": {"method": "ties", "evals": 144},
     "ta_48": {"method": "task_arithmetic", "evals": 48},
     "ta_96": {"method": "task_arithmetic", "evals": 96},
     "ta_w15_48": {"method": "task_arithmetic", "evals": 48, "space": {"bounds": {"weight": [0.0, 1.5]}, "x0": 0.75}},

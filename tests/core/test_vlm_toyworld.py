@@ -115,3 +115,22 @@ def test_ja_en_pool_asks_in_ja_and_answers_in_ascii():
     rows = {"en": [vqa_row(scene, "count", "en", "x.png")], "ja": [vqa_row(scene, "count", "ja", "x.png")]}
     assert [(r["prompt"], r["answer"]) for r in training_pool(rows, "ja_en", "count")] == [("かず：", "3")]
     assert [r["answer"] for r in training_pool(rows, "ja", "count")] == ["３"]
+
+
+def test_tiny_llava_does_not_depend_on_the_global_rng(tmp_path):
+    """The LM's vocabulary grows by the image token (a new random embedding row): it is drawn
+    from the build's seed, not from whatever state the global RNG is in."""
+    from tiny_models import make_tiny_llama
+
+    from evomerge_core.toyworld.vlm import make_tiny_llava
+
+    base = make_tiny_llama(tmp_path / "base", 0, vocab_size=46)  # full: the image token needs a new row
+    blobs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        make_tiny_llava(base, tmp_path / f"vlm{state}", seed=0)
+        blobs.append((tmp_path / f"vlm{state}" / "model.safetensors").read_bytes())
+    import json
+
+    assert json.loads((tmp_path / "vlm1" / "config.json").read_text())["text_config"]["vocab_size"] == 47  # it grew
+    assert blobs[0] == blobs[1]
