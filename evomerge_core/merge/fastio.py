@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -124,16 +125,30 @@ class DirectShardedWriter:
         self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
         biggest = max((t.nbytes for _, t in self._order), default=0)
         headers = max((len(_header_bytes(s)) for s in self.shards), default=0)
-        self._stage = _aligned_empty(_round_up(max(biggest, headers) + 2 * _ALIGN, _ALIGN))
+        size = _round_up(max(biggest, headers) + 2 * _ALIGN, _ALIGN)
+        # Two stages: one is written out by the writer thread while the next tensor fills the other.
+        self._stages = [_aligned_empty(size), _aligned_empty(size)]
+        self._writes: list[Future | None] = [None, None]
+        self._cur = 0
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer")
         self._direct_wanted = direct and hasattr(os, "O_DIRECT")
         self.direct_used = False
         self._pos = 0
         self._unaligned: torch.Tensor | None = None
         self._shard = -1
         self._fd: int | None = None
-        self._pending = 0  # bytes at the start of the stage not yet written (< _ALIGN)
-        self._written = 0  # bytes of the current file already written
+        self._pending = 0  # bytes at the start of the current stage not yet written (< _ALIGN)
         self._size = 0  # final size of the current file
+
+    @property
+    def _stage(self) -> torch.Tensor:
+        return self._stages[self._cur]
+
+    def _wait(self, i: int) -> None:
+        """Wait for the write of stage `i` (raises its error)."""
+        fut, self._writes[i] = self._writes[i], None
+        if fut is not None:
+            fut.result()
 
     # ------------------------------------------------------------------ public
 
@@ -145,6 +160,7 @@ class DirectShardedWriter:
         """Where to put the values of the next planned tensor (its dtype and shape)."""
         planned = self._next(name)
         self._unaligned = None
+        self._wait(self._cur)  # the stage is free once its previous write is done
         if planned.nbytes == 0:
             return torch.empty(planned.shape, dtype=planned.dtype)
         start = self._pending
@@ -181,6 +197,7 @@ class DirectShardedWriter:
             self.abort()
             raise RuntimeError(f"writer closed before tensor {missing} was written")
         self._finish_file()
+        self._io.shutdown(wait=True)
         if len(self.files) > 1:
             weight_map = {t.name: self.files[si] for si, t in self._order}
             total = sum(t.nbytes for _, t in self._order)
@@ -189,6 +206,12 @@ class DirectShardedWriter:
 
     def abort(self) -> None:
         """Close any open file without finishing (the caller removes the directory)."""
+        for i in (0, 1):
+            try:
+                self._wait(i)
+            except Exception:  # noqa: BLE001 - the error that made the caller abort, or one after it
+                pass
+        self._io.shutdown(wait=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -222,26 +245,41 @@ class DirectShardedWriter:
         self._shard = si
         header = _header_bytes(self.shards[si])
         self._size = len(header) + sum(t.nbytes for t in self.shards[si])
-        self._written = 0
         self._stage[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         self._pending = len(header)
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        """Write the aligned part of the stage (everything when `final`, zero-padded)."""
-        end = _round_up(self._pending, _ALIGN) if final else self._pending - self._pending % _ALIGN
-        if final and end > self._pending:
-            self._stage[self._pending : end].zero_()
-        if end:
-            view = memoryview(self._stage[:end].numpy())
-            done = 0
-            while done < end:
-                done += self._os_write(view[done:])
-            self._written += end
-        tail = self._pending - end if not final else 0
-        if tail > 0:
-            self._stage[:tail].copy_(self._stage[end : end + tail].clone())
-        self._pending = max(tail, 0)
+        """Write the aligned part of the current stage: in the writer thread, switching stages
+        (the unaligned tail moves to the other stage); when `final`, everything, zero-padded,
+        here (after the pending writes)."""
+        if final:
+            self._wait(1 - self._cur)
+            self._wait(self._cur)
+            end = _round_up(self._pending, _ALIGN)
+            if end > self._pending:
+                self._stage[self._pending : end].zero_()
+            if end:
+                self._write_all(self._stage, end)
+            self._pending = 0
+            return
+        end = self._pending - self._pending % _ALIGN
+        if not end:
+            return
+        tail = self._pending - end
+        other = 1 - self._cur
+        self._wait(other)
+        if tail:
+            self._stages[other][:tail].copy_(self._stage[end : end + tail])
+        self._writes[self._cur] = self._io.submit(self._write_all, self._stage, end)
+        self._cur = other
+        self._pending = tail
+
+    def _write_all(self, stage: torch.Tensor, end: int) -> None:
+        view = memoryview(stage[:end].numpy())
+        done = 0
+        while done < end:
+            done += self._os_write(view[done:])
 
     def _os_write(self, view: memoryview) -> int:
         try:

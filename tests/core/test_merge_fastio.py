@@ -89,3 +89,32 @@ def test_mapped_model_matches_lazy_reader_and_survives_release(tmp_path):
         assert torch.equal(got, t)  # released pages come back from the page cache
     del got
     mapped.close()
+
+
+def test_a_failed_background_write_surfaces_and_abort_closes(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from evomerge_core.merge import fastio
+
+    real_write = os.write
+    written = []
+
+    def limited_write(fd, data):
+        if sum(written) > 4096:
+            raise OSError(errno.EFBIG, "File too large")
+        n = real_write(fd, data)
+        written.append(n)
+        return n
+
+    monkeypatch.setattr(fastio.os, "write", limited_write)
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(3000, generator=g) for i in range(4)}
+    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = DirectShardedWriter(tmp_path, plan)
+    with pytest.raises(OSError, match="File too large"):
+        for name, t in tensors.items():
+            writer.write(name, t)
+        writer.close()
+    writer.abort()
+    assert writer._fd is None
