@@ -112,9 +112,12 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
     rows += [evolved[kind].row(kind) for kind in ROW_NAMES if evolved[kind].seeds]
     vlm_rows = None
     if "vlm" in spaces:
+        from evomerge.flows.demo_vlm import DEFAULT_VLM_EVALUATIONS
         from evomerge.flows.demo_vlm import vlm_rows as run_vlm_rows
 
-        vlm_rows = run_vlm_rows(out, seeds=seeds, size=size)
+        # micro: a quick VLM that only exercises the code path (its scores mean nothing)
+        vlm_rows = run_vlm_rows(out, seeds=seeds, evaluations=DEFAULT_VLM_EVALUATIONS if size == "demo" else 16,
+                                size=size)
     paths = write_outputs(out, rows, curves, vlm_rows=vlm_rows)
     print("\n" + render_table(rows) + "\n", flush=True)
     print(paths["markdown"].read_text(encoding="utf-8").split("\n\n", 2)[-1], flush=True)
