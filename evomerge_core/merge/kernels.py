@@ -319,8 +319,8 @@ class DareMasker:
         nw = (e - s + 1) // 2
         words = _WS.get(scratch + ".w", nw, torch.int32, self.device)
         tmp = _WS.get(scratch + ".t", nw, torch.int32, self.device)
-        torch.arange(s // 2, s // 2 + nw, dtype=torch.int32, device=self.device, out=words)
-        words.mul_(self.mul).add_(self.add)
+        torch.mul(_arange(nw, self.device), self.mul, out=words)
+        words.add_(_i32(self.mul * (s // 2) + self.add))
         for _ in range(2):
             _xorshift16_(words, tmp)
             words.mul_(_HASH_MUL)
@@ -338,6 +338,23 @@ class DareMasker:
         out.copy_(u)
         out.sub_(self.threshold)
         return out.clamp_(-1.0, 0.0)
+
+
+_ARANGES: dict[str, torch.Tensor] = {}
+_ARANGES_LOCK = threading.Lock()
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 as int32 (a shared, grow-only buffer per device; read-only)."""
+    key = str(device)
+    ar = _ARANGES.get(key)
+    if ar is None or ar.numel() < n:
+        with _ARANGES_LOCK:
+            ar = _ARANGES.get(key)
+            if ar is None or ar.numel() < n:
+                ar = torch.arange(max(n, chunk_elements(device)), dtype=torch.int32, device=device)
+                _ARANGES[key] = ar
+    return ar[:n]
 
 
 def _xorshift16_(words: torch.Tensor, tmp: torch.Tensor) -> None:
@@ -434,7 +451,7 @@ class _TaskVectorJob:
         self.scales = list(self.weights)
         self.cuts: dict[int, MagnitudeCut] = {}
         self.maskers: dict[int, DareMasker] = {}
-        self.stored_u: dict[int, torch.Tensor] = {}
+        self.stored_masks: dict[int, torch.Tensor] = {}
 
     def buf(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _WS.get(name, self.L, dtype, self.device)
@@ -512,20 +529,18 @@ class _TaskVectorJob:
                 self.maskers[i] = mk
         if not self.maskers or not rescale:
             return
-        for i in self.maskers:
-            self.stored_u[i] = _WS.get(f"u{i}", self.n, torch.int16, self.device)
+        for i in self.maskers:  # -1 keep / 0 drop, exact in bf16, reused by the final pass
+            self.stored_masks[i] = _WS.get(f"mask{i}", self.n, torch.bfloat16, self.device)
 
         def sums(s: int, e: int) -> dict[int, tuple[float, float]]:
             c = self.base_chunk(s, e)
             a, nm = self.buf("a")[: e - s], self.buf("nm")[: e - s]
             got = {}
             for i, mk in self.maskers.items():
-                u = mk.uniforms(s, e)
-                self.stored_u[i][s:e].copy_(u)
+                mk.neg_mask_into(mk.uniforms(s, e), nm)
+                self.stored_masks[i][s:e].copy_(nm)
                 torch.abs(self.delta(i, s, e, c), out=a)
-                before = float(a.sum())
-                a.mul_(mk.neg_mask_into(u, nm))
-                got[i] = (before, -float(a.sum()))
+                got[i] = (float(a.sum()), -float(torch.dot(a, nm)))
             return got
 
         self._apply_rescale(self.chunks(sums), list(self.maskers))
@@ -557,8 +572,12 @@ class _TaskVectorJob:
                 if i in self.cuts:
                     _shrink_by_cut_(d, self.cuts[i], s, e)
                 elif i in self.maskers:
-                    u = self.stored_u[i][s:e] if i in self.stored_u else self.maskers[i].uniforms(s, e)
-                    d.mul_(self.maskers[i].neg_mask_into(u, self.buf("nm")[:L_]))
+                    nm = self.buf("nm")[:L_]
+                    if i in self.stored_masks:
+                        nm.copy_(self.stored_masks[i][s:e])
+                    else:
+                        self.maskers[i].neg_mask_into(self.maskers[i].uniforms(s, e), nm)
+                    d.mul_(nm)
                     scale = -scale
                 d.mul_(scale)
                 wds.append((d, self.weights[i]))
