@@ -7,13 +7,15 @@ fresh process with the sources in the page cache:
   reference  one elementwise pass over the same bytes: every tensor of the three models read
              (memory-mapped) and a * x + b * y + c * z computed in float32 chunks, written as
              bf16 with the same writer as evomerge (the memory-bandwidth floor of a merge here)
-  evomerge   `evomerge merge CONFIG OUT --no-progress` (CLI, torch threads = cores)
-  mergekit   `mergekit-yaml CONFIG OUT --lazy-unpickle -j THREADS --quiet --no-copy-tokenizer
-             --no-write-model-card` (its CPU speed options; same YAML)
+  evomerge   `evomerge_core.merge.engine.merge_to_dir` (what `evomerge merge` runs)
+  mergekit   `mergekit.merge.run_merge` with its CPU speed options (lazy_unpickle, num_threads;
+             what `mergekit-yaml CONFIG OUT --lazy-unpickle -j THREADS` runs), same config
 
-Wall time is the whole process (start-up included, for both tools); peak RSS is the child's
-`ru_maxrss`. Outputs are compared tensor by tensor (max |difference|, share of entries that
-differ); DARE draws different random masks in the two tools, so it is not compared.
+"seconds" is the merge itself, timed inside each child around the one call (imports and
+interpreter start-up excluded, the same for all three); "process" is the child's whole wall
+time; peak RSS is the child's `ru_maxrss`. Outputs are compared tensor by tensor (max
+|difference|, share of entries that differ); DARE draws different random masks in the two
+tools, so it is not compared.
 
 Acceptance (issue 10): ties and dare_ties >= 10x faster than mergekit and <= 3x the
 reference; linear and slerp no slower than mergekit; peak RSS no higher than mergekit's.
@@ -83,7 +85,9 @@ def timed_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
     code = proc.returncode
     if code != 0:
         raise RuntimeError(f"{cmd[0]} failed (exit {code}): {err.strip()[-2000:]}")
-    return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "load_before": load[0], "load_after": os.getloadavg()[0], "stdout": out}
+    inner = json.loads(out.strip().splitlines()[-1])["inner_seconds"]
+    return {"seconds": inner, "process_seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "load_before": load[0],
+            "load_after": os.getloadavg()[0]}
 
 
 def reference_child(root: str, out: str, threads: int) -> None:
@@ -113,6 +117,36 @@ def reference_child(root: str, out: str, threads: int) -> None:
             for m in models:
                 m.release(name)
     writer.close()
+    print(json.dumps({"inner_seconds": time.perf_counter() - start}))
+
+
+def evomerge_child(config: str, out: str, threads: int) -> None:
+    """`evomerge merge` in-process: resolve the config, then merge_to_dir timed alone."""
+    import torch
+
+    from evomerge_core.merge.engine import merge_to_dir
+    from evomerge_core.merge.mergekit_yaml import load_config
+
+    torch.set_num_threads(threads)
+    recipe = load_config(Path(config)).recipe
+    sources = {e.model: Path(e.model) for e in recipe.models}
+    if recipe.base_model:
+        sources[recipe.base_model] = Path(recipe.base_model)
+    start = time.perf_counter()
+    merge_to_dir(recipe, sources, Path(out), progress=False)
+    print(json.dumps({"inner_seconds": time.perf_counter() - start}))
+
+
+def mergekit_child(config: str, out: str, threads: int) -> None:
+    """mergekit's run_merge in-process with its CPU speed options, timed alone."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    options = MergeOptions(lazy_unpickle=True, num_threads=threads, quiet=True, copy_tokenizer=False, write_model_card=False)
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(Path(config).read_text()))
+    start = time.perf_counter()
+    run_merge(merge_config, out, options)
     print(json.dumps({"inner_seconds": time.perf_counter() - start}))
 
 
@@ -148,16 +182,23 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for every tool (default: cores)")
     parser.add_argument("--_reference", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--_evomerge", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--_mergekit", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._reference:
         reference_child(args._reference[0], args._reference[1], args.threads)
+        return 0
+    if args._evomerge:
+        evomerge_child(*args._evomerge, args.threads)
+        return 0
+    if args._mergekit:
+        mergekit_child(*args._mergekit, args.threads)
         return 0
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         parser.error(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     root = args.keep or Path(tempfile.mkdtemp(prefix="evomerge-speed-", dir="/tmp"))
-    venv_bin = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpus": os.cpu_count(),
@@ -188,11 +229,11 @@ def main() -> int:
             row["reference"] = timed_child([sys.executable, __file__, "--threads", str(args.threads), "--_reference", str(root), str(outs["reference"])], env)
             shutil.rmtree(outs["reference"], ignore_errors=True)
             warm(root)
-            row["evomerge"] = timed_child([str(venv_bin / "evomerge"), "merge", str(cfg), str(outs["evomerge"]), "--no-progress"], env)
+            me = [sys.executable, __file__, "--threads", str(args.threads)]
+            row["evomerge"] = timed_child(me + ["--_evomerge", str(cfg), str(outs["evomerge"])], env)
             if not args.skip_mergekit:
                 warm(root)
-                row["mergekit"] = timed_child([str(venv_bin / "mergekit-yaml"), str(cfg), str(outs["mergekit"]), "--lazy-unpickle",
-                                               "-j", str(args.threads), "--quiet", "--no-copy-tokenizer", "--no-write-model-card"], env)
+                row["mergekit"] = timed_child(me + ["--_mergekit", str(cfg), str(outs["mergekit"])], env)
                 if not method.startswith("dare"):
                     row["compare"] = compare(outs["evomerge"], outs["mergekit"])
             for out in outs.values():
