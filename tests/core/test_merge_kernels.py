@@ -275,3 +275,13 @@ def test_errors_in_worker_threads_propagate_after_all_threads_stop():
     with kernels.cpu_parallelism(3), pytest.raises(ValueError, match="chunk 7"):
         kernels._for_each(40, fn, torch.device("cpu"))
     assert 7 in seen and len(set(seen)) == len(seen)
+
+
+BIG = 4 * 65536 + 3  # several default-size chunks, odd length
+
+
+def test_ties_on_a_big_tensor_matches_reference_bit_for_bit():
+    base, tensors = _family((BIG,), dtype=torch.bfloat16, noise=0.002)  # bf16 deltas: massive ties
+    specs = [TaskVectorSpec(0.6, 0.5), TaskVectorSpec(0.7, 0.03)]
+    kw = dict(sparsification="magnitude", consensus=True, normalize=True, lam=1.0, rescale=False)
+    assert torch.equal(task_vector_merge(base, tensors, specs, **kw), ref_task_vector(base, tensors, specs, **kw))
