@@ -20,10 +20,15 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with `only`, just that subcommand's module is imported (each pulls in
+    torch/transformers/prefect, seconds apiece), the others are listed by name."""
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
         module = _command_module(name)
         if module is None:
             continue
@@ -43,7 +48,10 @@ def _command_module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in given if not a.startswith("-")), None)
+    # Without a known subcommand argparse only prints usage/help or an error: import none.
+    parser = build_parser(only=chosen if chosen in SUBCOMMANDS else "")
     args = parser.parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
