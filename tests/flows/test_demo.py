@@ -4,7 +4,6 @@ beats every source model on UNION train (the split the search selects on)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
