@@ -213,7 +213,7 @@ def _slerp(fs, plan, glob, out) -> torch.Tensor:
     for t, (s, e) in enumerate(fs.segments()):
         aa, bb = a[s:e], b[s:e]
         dot, na2, nb2 = float(torch.dot(aa, bb)), float(torch.dot(aa, aa)), float(torch.dot(bb, bb))
-        c0, c1 = _slerp_coefficients(float(glob[t]["t"]), dot, na2, nb2, e - s)
+        c0, c1 = kernels.slerp_coefficients_from_dots(float(glob[t]["t"]), dot, na2, nb2, e - s)
         c0s.append(c0)
         c1s.append(c1)
     out.copy_(v0)
@@ -221,18 +221,6 @@ def _slerp(fs, plan, glob, out) -> torch.Tensor:
     tmp = v1.clone()
     per_tensor_(fs, tmp, c1s, "mul")
     return out.add_(tmp)
-
-
-def _slerp_coefficients(t: float, dot: float, na2: float, nb2: float, n: int, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
-    na, nb = math.sqrt(na2), math.sqrt(nb2)
-    na = na if na > eps else 1.0
-    nb = nb if nb > eps else 1.0
-    cos = max(-1.0, min(1.0, dot / (na * nb))) if n else 1.0
-    if abs(cos) > dot_threshold:
-        return 1.0 - t, t
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
 def _task_vector(fs, plan, glob, per_model, out) -> torch.Tensor:

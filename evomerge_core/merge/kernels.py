@@ -693,6 +693,12 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_thresho
 
     _for_each(len(ranges), run, device)
     dot, aa, bb = (sum(p[k] for p in parts) for k in range(3))
+    return slerp_coefficients_from_dots(t, dot, aa, bb, n, dot_threshold, eps)
+
+
+def slerp_coefficients_from_dots(t: float, dot: float, aa: float, bb: float, n: int, dot_threshold: float = 0.9995,
+                                 eps: float = 1e-8) -> tuple[float, float]:
+    """(c0, c1) of slerp from <v0, v1>, |v0|^2, |v1|^2 and the element count `n`."""
     na, nb = math.sqrt(aa), math.sqrt(bb)
     na = na if na > eps else 1.0
     nb = nb if nb > eps else 1.0
