@@ -1,13 +1,17 @@
 """The demo flow: the paper's Table 1 in miniature on the offline toy world.
 
-    build (or reuse) the toy world
+    build (or reuse) the toy world (and the VLM toy world when the VLM rows are asked for)
     score each source model and three hand-set merges on the test splits
-    for each search seed:
-        PS+DFS as one chained run (the real `evolve` flow): stage "ps" is the PS row,
+    the searches, as independent jobs spread over `workers` processes:
+        per seed, PS+DFS as one chained run (the real `evolve` flow): stage "ps" is the PS row,
             stage "dfs" (A = the PS model, B = the JA model) the PS+DFS row
-        DFS through the JA and the skill model, and the same with every scale fixed to 1
-    score every run's best on the test splits
+        per seed, DFS through the JA and the skill model, then the same with every scale fixed to 1
+        per seed, the VLM search (`evomerge.flows.demo_vlm`)
+      each job scores its runs' best models on the test splits
     write results.md / results.json / fitness.png (and the VLM table when asked)
+
+Every search is seeded and runs single-threaded in one process, so where a job runs (the
+flow's process or a Dask worker) does not change its numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from evomerge.flows.evolve import evolve
 from evomerge.tasks.demo import build_toy_world, score_baseline_merge, score_evolved, score_source
@@ -23,6 +28,7 @@ from evomerge_core.toyworld import load_zoo
 from evomerge_core.toyworld.demo import (
     DEFAULT_DFS_EVALUATIONS,
     DEFAULT_EVALUATIONS,
+    DEFAULT_WORKERS,
     SPACES,
     baseline_recipes,
     dfs_search_config,
@@ -51,8 +57,8 @@ class _Evolved:
         self.seeds = 0
 
     def add(self, scores: dict[str, float], evaluated: int, seconds: float) -> None:
-        for task, value in scores.items():
-            self.scores.setdefault(task, []).append(value)
+        for task_name, value in scores.items():
+            self.scores.setdefault(task_name, []).append(value)
         self.evaluated += evaluated
         self.seconds += seconds
         self.seeds += 1
@@ -63,13 +69,28 @@ class _Evolved:
                 "space": kind, "scores": self.scores, "evaluated": self.evaluated // n, "seconds": self.seconds / n}
 
 
+def _jobs(size: str, seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
+    """The searches as independent (job, seed) pairs, longest first (a better packing on workers)."""
+    jobs = []
+    for seed in range(seeds):
+        if "psdfs" in spaces:
+            jobs.append(("psdfs", seed))
+        elif "ps" in spaces:
+            jobs.append(("ps", seed))
+    jobs += [("vlm", seed) for seed in range(seeds) if "vlm" in spaces]
+    jobs += [("dfs", seed) for seed in range(seeds) if "dfs" in spaces]
+    return jobs
+
+
 @flow(name="demo", validate_parameters=False)
 def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DEFAULT_EVALUATIONS,
-         dfs_evaluations: int = DEFAULT_DFS_EVALUATIONS, spaces: tuple[str, ...] = SPACES) -> dict[str, Any]:
+         dfs_evaluations: int = DEFAULT_DFS_EVALUATIONS, spaces: tuple[str, ...] = SPACES,
+         workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
     """Run the whole demo; returns the rows of the results table and the output paths.
 
     `spaces` picks the evolved rows: "ps", "psdfs" (implies the PS row), "dfs" (also runs its
-    scales-fixed-to-1 ablation) and "vlm" (the VLM table).
+    scales-fixed-to-1 ablation) and "vlm" (the VLM table). `workers` processes run the
+    searches side by side (1: one after another in the flow's process).
     """
     out = Path(out_dir).resolve()
     zoo_root = build_toy_world(size)
@@ -78,50 +99,101 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
     for label in baseline_recipes(zoo):
         slug = label.split(" ")[0].lower()
         rows.append(score_baseline_merge(zoo_root, label, str(out / "baselines" / slug)))
+    vlm_fixed: list[dict[str, Any]] = []
+    if "vlm" in spaces:
+        from evomerge.flows.demo_vlm import vlm_fixed_rows
 
-    storage = (out / "runs").as_uri()
+        vlm_fixed = vlm_fixed_rows(out, size=size)
+
+    jobs = _jobs(size, seeds, spaces)
+    params = {"zoo_root": zoo_root, "out_dir": str(out), "size": size, "evaluations": evaluations,
+              "dfs_evaluations": dfs_evaluations}
+    results = _run_jobs([(name, seed, params) for name, seed in jobs], workers)
+
     evolved = {kind: _Evolved() for kind in ROW_NAMES}
     curves: list[list[dict[str, Any]]] = []
-    for seed in range(seeds):
-        if "psdfs" in spaces:  # one chained run gives both the PS and the PS+DFS row
-            key = f"demo-{size}-psdfs-seed{seed}"
-            cfg = psdfs_search_config(zoo, seed=seed, ps_evaluations=evaluations, dfs_evaluations=dfs_evaluations,
-                                      storage=storage, run_key=key)
-            _run(cfg, key)
-            for index, kind in ((0, "ps"), (1, "psdfs")):
-                stage = _stage_result(storage, key, index)
-                if index == 0:
-                    curves.append(stage["generations"])
-                scores = score_evolved(zoo_root, f"{storage}/{key}/stages", str(index),
-                                       str(out / "evolved" / kind / f"seed{seed}"))
-                evolved[kind].add(scores, stage["evaluations"], search_seconds(stage))
-        elif "ps" in spaces:
-            key = f"demo-{size}-seed{seed}"
-            result = _run(search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=key),
-                            key)
-            curves.append(result["generations"])
-            scores = score_evolved(zoo_root, storage, key, str(out / "evolved" / "ps" / f"seed{seed}"))
-            evolved["ps"].add(scores, result["evaluations"], search_seconds(result))
-        if "dfs" in spaces:
-            for kind, scales in (("dfs", "matrix"), ("dfs_noscale", "none")):
-                key = f"demo-{size}-{kind}-seed{seed}"
-                result = _run(dfs_search_config(zoo, seed=seed, evaluations=dfs_evaluations, storage=storage,
-                                                  run_key=key, scales=scales), key)
-                scores = score_evolved(zoo_root, storage, key, str(out / "evolved" / kind / f"seed{seed}"))
-                evolved[kind].add(scores, result["evaluations"], search_seconds(result))
+    vlm_results = []
+    for (name, _seed), result in zip(jobs, results):
+        if name == "vlm":
+            vlm_results.append(result)
+            continue
+        if result.get("curve") is not None:
+            curves.append(result["curve"])
+        for kind, part in result["rows"].items():
+            evolved[kind].add(part["scores"], part["evaluated"], part["seconds"])
     rows += [evolved[kind].row(kind) for kind in ROW_NAMES if evolved[kind].seeds]
     vlm_rows = None
     if "vlm" in spaces:
-        from evomerge.flows.demo_vlm import DEFAULT_VLM_EVALUATIONS
-        from evomerge.flows.demo_vlm import vlm_rows as run_vlm_rows
+        from evomerge.flows.demo_vlm import vlm_evolved_row
 
-        # micro: a quick VLM that only exercises the code path (its scores mean nothing)
-        vlm_rows = run_vlm_rows(out, seeds=seeds, evaluations=DEFAULT_VLM_EVALUATIONS if size == "demo" else 16,
-                                size=size)
+        vlm_rows = vlm_fixed + [vlm_evolved_row(vlm_results)]
     paths = write_outputs(out, rows, curves, vlm_rows=vlm_rows)
     print("\n" + render_table(rows) + "\n", flush=True)
     print(paths["markdown"].read_text(encoding="utf-8").split("\n\n", 2)[-1], flush=True)
     return {"rows": rows, "vlm_rows": vlm_rows, "outputs": {k: str(v) for k, v in paths.items()}}
+
+
+def _run_jobs(jobs: list[tuple[str, int, dict[str, Any]]], workers: int) -> list[dict[str, Any]]:
+    """Run the search jobs in the flow's process (one worker or one job) or on a local Dask
+    cluster of `workers` single-threaded processes; results in job order."""
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        return [search_job(name, seed, **params) for name, seed, params in jobs]
+    from evomerge.flows.runners import build_dask_runner, current_api_url
+    from evomerge_core.runners import TaskRunnerConfig
+
+    spec = TaskRunnerConfig(kind="dask", workers=workers, threads_per_worker=1)
+    with build_dask_runner(spec, device="cpu", api_url=current_api_url()) as runner:
+        futures = [runner.submit(search_job, parameters={"name": name, "seed": seed, **params})
+                   for name, seed, params in jobs]
+        return [future.result() for future in futures]
+
+
+@task(name="demo-search", task_run_name="demo-{name}-seed{seed}", cache_policy=NO_CACHE)
+def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, evaluations: int,
+               dfs_evaluations: int) -> dict[str, Any]:
+    """One seed's searches of one kind, each scored on the test splits: ``psdfs`` (the PS and
+    PS+DFS rows from one chained run), ``ps``, ``dfs`` (DFS and its scales-fixed-to-1 ablation)
+    or ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`)."""
+    out = Path(out_dir)
+    if name == "vlm":
+        from evomerge.flows.demo_vlm import vlm_seed
+        from evomerge_core.toyworld.vlm import DEFAULT_VLM_EVALUATIONS
+
+        # micro: a quick VLM that only exercises the code path (its scores mean nothing)
+        return vlm_seed(out, size=size, seed=seed, evaluations=DEFAULT_VLM_EVALUATIONS if size == "demo" else 16)
+    zoo = load_zoo(Path(zoo_root))
+    storage = (out / "runs").as_uri()
+    rows: dict[str, dict[str, Any]] = {}
+    curve = None
+    if name == "psdfs":  # one chained run gives both the PS and the PS+DFS row
+        key = f"demo-{size}-psdfs-seed{seed}"
+        cfg = psdfs_search_config(zoo, seed=seed, ps_evaluations=evaluations, dfs_evaluations=dfs_evaluations,
+                                  storage=storage, run_key=key)
+        _run(cfg, key)
+        for index, kind in ((0, "ps"), (1, "psdfs")):
+            stage = _stage_result(storage, key, index)
+            if index == 0:
+                curve = stage["generations"]
+            scores = score_evolved.fn(zoo_root, f"{storage}/{key}/stages", str(index),
+                                      str(out / "evolved" / kind / f"seed{seed}"))
+            rows[kind] = {"scores": scores, "evaluated": stage["evaluations"], "seconds": search_seconds(stage)}
+    elif name == "ps":
+        key = f"demo-{size}-seed{seed}"
+        result = _run(search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=key), key)
+        curve = result["generations"]
+        scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / "ps" / f"seed{seed}"))
+        rows["ps"] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
+    elif name == "dfs":
+        for kind, scales in (("dfs", "matrix"), ("dfs_noscale", "none")):
+            key = f"demo-{size}-{kind}-seed{seed}"
+            result = _run(dfs_search_config(zoo, seed=seed, evaluations=dfs_evaluations, storage=storage,
+                                            run_key=key, scales=scales), key)
+            scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / kind / f"seed{seed}"))
+            rows[kind] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
+    else:
+        raise ValueError(f"unknown demo search job {name!r}")
+    return {"rows": rows, "curve": curve}
 
 
 def _run(config: dict[str, Any], key: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from evomerge_core.toyworld.vlm import (
     vlm_search_label,
 )
 
-__all__ = ["DEFAULT_VLM_EVALUATIONS", "vlm_rows"]
+__all__ = ["DEFAULT_VLM_EVALUATIONS", "vlm_evolved_row", "vlm_fixed_rows", "vlm_rows", "vlm_seed"]
 
 
 def _zoo(size: str) -> VLMZoo:
@@ -80,15 +80,9 @@ def score_evolved_vlm(size: str, storage: str, run_key: str, local_dir: str) -> 
     return score_vlm_dir(target, _zoo(size))
 
 
-@flow(name="demo-vlm", validate_parameters=False)
-def vlm_rows(out: Path, *, seeds: int, evaluations: int = DEFAULT_VLM_EVALUATIONS, size: str = "demo") -> list[dict[str, Any]]:
-    """The demo's VLM rows (source VLM, unoptimised TIES, evolved PS over `seeds` search
-    seeds); models and runs are written under ``out/vlm/``. `size` is the LLM zoo size:
-    ``demo`` or ``micro`` (a quick VLM for tests, numbers not meaningful)."""
-    if seeds < 1 or evaluations < 1:
-        from evomerge_core.errors import UsageError
-
-        raise UsageError(f"the VLM demo needs at least one seed and one evaluation (got seeds={seeds}, evaluations={evaluations})")
+def vlm_fixed_rows(out: Path, *, size: str = "demo") -> list[dict[str, Any]]:
+    """Build (or reuse) the VLM toy world; the rows of the source VLM and the unoptimised TIES
+    merge (models under ``out/vlm/baselines``)."""
     root = Path(out).resolve() / "vlm"
     build_vlm_world(size)
     zoo = _zoo(size)
@@ -96,20 +90,46 @@ def vlm_rows(out: Path, *, seeds: int, evaluations: int = DEFAULT_VLM_EVALUATION
     for label in vlm_baseline_recipes(zoo):
         slug = label.split(" ")[0].lower()
         rows.append(score_vlm_baseline(size, label, str(root / "baselines" / slug)))
-
-    storage = (root / "runs").as_uri()
-    evolved: dict[str, list[float]] = {}
-    evaluated, seconds = 0, 0.0
-    for seed in range(seeds):
-        run_key = f"demo-vlm-{size}-seed{seed}"
-        started = time.perf_counter()
-        result = evolve(vlm_search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=run_key),
-                        resume=False, run_key=run_key)
-        seconds += time.perf_counter() - started
-        evaluated += result["evaluations"]
-        scores = score_evolved_vlm(size, storage, run_key, str(root / "evolved" / f"seed{seed}"))
-        for lang, value in scores.items():
-            evolved.setdefault(lang, []).append(value)
-    rows.append({"name": f"evolved PS ({vlm_search_label()}, {seeds} seed{'s' if seeds > 1 else ''})",
-                 "kind": "evolved", "scores": evolved, "evaluated": evaluated // seeds, "seconds": seconds / seeds})
     return rows
+
+
+def vlm_seed(out: Path, *, size: str, seed: int, evaluations: int) -> dict[str, Any]:
+    """One seed's VLM search (the real `evolve` flow) with its best scored on EN and JA test:
+    ``{"scores": {"ja", "en"}, "evaluated", "seconds"}``."""
+    root = Path(out).resolve() / "vlm"
+    zoo = _zoo(size)
+    storage = (root / "runs").as_uri()
+    run_key = f"demo-vlm-{size}-seed{seed}"
+    started = time.perf_counter()
+    result = evolve(vlm_search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=run_key),
+                    resume=False, run_key=run_key)
+    seconds = time.perf_counter() - started
+    scores = score_evolved_vlm.fn(size, storage, run_key, str(root / "evolved" / f"seed{seed}"))
+    return {"scores": scores, "evaluated": result["evaluations"], "seconds": seconds}
+
+
+def vlm_evolved_row(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evolved row of the VLM table from the `vlm_seed` results of every seed."""
+    seeds = len(results)
+    scores: dict[str, list[float]] = {}
+    for result in results:
+        for lang, value in result["scores"].items():
+            scores.setdefault(lang, []).append(value)
+    return {"name": f"evolved PS ({vlm_search_label()}, {seeds} seed{'s' if seeds > 1 else ''})",
+            "kind": "evolved", "scores": scores, "evaluated": sum(r["evaluated"] for r in results) // seeds,
+            "seconds": sum(r["seconds"] for r in results) / seeds}
+
+
+@flow(name="demo-vlm", validate_parameters=False)
+def vlm_rows(out: Path, *, seeds: int, evaluations: int = DEFAULT_VLM_EVALUATIONS, size: str = "demo") -> list[dict[str, Any]]:
+    """The demo's VLM rows (source VLM, unoptimised TIES, evolved PS over `seeds` search
+    seeds, one after another); models and runs are written under ``out/vlm/``. `size` is the
+    LLM zoo size: ``demo`` or ``micro`` (a quick VLM for tests, numbers not meaningful).
+    `evomerge.flows.demo` uses the same pieces and runs the seeds side by side."""
+    if seeds < 1 or evaluations < 1:
+        from evomerge_core.errors import UsageError
+
+        raise UsageError(f"the VLM demo needs at least one seed and one evaluation (got seeds={seeds}, evaluations={evaluations})")
+    rows = vlm_fixed_rows(out, size=size)
+    results = [vlm_seed(out, size=size, seed=seed, evaluations=evaluations) for seed in range(seeds)]
+    return rows + [vlm_evolved_row(results)]

@@ -83,7 +83,9 @@ DEMO = Recipe(
     experts=(
         ("skill_a", _expert({"skill": 1.0}, 300, 1e-3, seed=2, schedule="cosine")),
         ("lang", _expert({"lang": 1.0}, 300, 1e-3, seed=3, schedule="cosine")),
-        ("skill_b", _expert({"skill": 0.8, "translit": 0.2}, 300, 1e-3, seed=4, schedule="cosine")),
+        # skill_b: another seed, data mix and learning rate (2e-3): a larger task vector that
+        # swamps `lang` in a merge giving every expert the same weight (docs/demo-tuning.md).
+        ("skill_b", _expert({"skill": 0.8, "translit": 0.2}, 300, 2e-3, seed=4, schedule="cosine")),
     ),
     threads=2,
 )
