@@ -5,7 +5,7 @@
     the searches, as independent jobs spread over `workers` processes:
         per seed, PS+DFS as one chained run (the real `evolve` flow): stage "ps" is the PS row,
             stage "dfs" (A = the PS model, B = the JA model) the PS+DFS row
-        per seed, DFS through the JA and the skill model, then the same with every scale fixed to 1
+        per seed, DFS through the JA and the skill model, and the same with every scale fixed to 1
         per seed, the VLM search (`evomerge.flows.demo_vlm`)
       each job scores its runs' best models on the test splits
     write results.md / results.json / fitness.png (and the VLM table when asked)
@@ -69,7 +69,7 @@ class _Evolved:
                 "space": kind, "scores": self.scores, "evaluated": self.evaluated // n, "seconds": self.seconds / n}
 
 
-def _jobs(size: str, seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
+def _jobs(seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
     """The searches as independent (job, seed) pairs, longest first (a better packing on workers)."""
     jobs = []
     for seed in range(seeds):
@@ -78,7 +78,7 @@ def _jobs(size: str, seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int
         elif "ps" in spaces:
             jobs.append(("ps", seed))
     jobs += [("vlm", seed) for seed in range(seeds) if "vlm" in spaces]
-    jobs += [("dfs", seed) for seed in range(seeds) if "dfs" in spaces]
+    jobs += [(kind, seed) for seed in range(seeds) for kind in ("dfs", "dfs_noscale") if "dfs" in spaces]
     return jobs
 
 
@@ -105,7 +105,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
 
         vlm_fixed = vlm_fixed_rows(out, size=size)
 
-    jobs = _jobs(size, seeds, spaces)
+    jobs = _jobs(seeds, spaces)
     params = {"zoo_root": zoo_root, "out_dir": str(out), "size": size, "evaluations": evaluations,
               "dfs_evaluations": dfs_evaluations}
     results = _run_jobs([(name, seed, params) for name, seed in jobs], workers)
@@ -152,9 +152,9 @@ def _run_jobs(jobs: list[tuple[str, int, dict[str, Any]]], workers: int) -> list
 @task(name="demo-search", task_run_name="demo-{name}-seed{seed}", cache_policy=NO_CACHE)
 def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, evaluations: int,
                dfs_evaluations: int) -> dict[str, Any]:
-    """One seed's searches of one kind, each scored on the test splits: ``psdfs`` (the PS and
-    PS+DFS rows from one chained run), ``ps``, ``dfs`` (DFS and its scales-fixed-to-1 ablation)
-    or ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`)."""
+    """One seed's search of one kind, its best scored on the test splits: ``psdfs`` (the PS and
+    PS+DFS rows from one chained run), ``ps``, ``dfs``, ``dfs_noscale`` (DFS with every scale
+    fixed to 1) or ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`)."""
     out = Path(out_dir)
     if name == "vlm":
         from evomerge.flows.demo_vlm import vlm_seed
@@ -184,13 +184,12 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
         curve = result["generations"]
         scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / "ps" / f"seed{seed}"))
         rows["ps"] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
-    elif name == "dfs":
-        for kind, scales in (("dfs", "matrix"), ("dfs_noscale", "none")):
-            key = f"demo-{size}-{kind}-seed{seed}"
-            result = _run(dfs_search_config(zoo, seed=seed, evaluations=dfs_evaluations, storage=storage,
-                                            run_key=key, scales=scales), key)
-            scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / kind / f"seed{seed}"))
-            rows[kind] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
+    elif name in ("dfs", "dfs_noscale"):
+        key = f"demo-{size}-{name}-seed{seed}"
+        result = _run(dfs_search_config(zoo, seed=seed, evaluations=dfs_evaluations, storage=storage, run_key=key,
+                                        scales="matrix" if name == "dfs" else "none"), key)
+        scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / name / f"seed{seed}"))
+        rows[name] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
     else:
         raise ValueError(f"unknown demo search job {name!r}")
     return {"rows": rows, "curve": curve}

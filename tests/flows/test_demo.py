@@ -1,5 +1,6 @@
-"""The demo flow on the micro toy world: it writes the Table-1 outputs, and the evolved merge
-beats every source model on UNION train (the split the search selects on)."""
+"""The demo flow on the micro toy world: it writes the Table-1 outputs, its searches run as
+independent jobs on two worker processes, and the evolved merge beats every source model on
+UNION train (the split the search selects on)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,12 @@ def test_psdfs_row_comes_from_a_chained_run_whose_dfs_stage_starts_from_the_ps_m
     ablation = RunStore(storage, "demo-micro-dfs_noscale-seed0").read_json("result.json")
     assert ablation["space"]["scales"] == "none"
     assert all(hop["scale"] == 1.0 for hop in ablation["best_recipe"]["path"])
+
+
+def test_searches_are_split_into_independent_jobs_longest_first():
+    from evomerge.flows.demo import _jobs
+
+    assert _jobs(2, ("ps", "psdfs", "dfs", "vlm")) == [
+        ("psdfs", 0), ("psdfs", 1), ("vlm", 0), ("vlm", 1),
+        ("dfs", 0), ("dfs_noscale", 0), ("dfs", 1), ("dfs_noscale", 1)]
+    assert _jobs(1, ("ps",)) == [("ps", 0)]  # PS alone: its own job (psdfs includes it otherwise)
