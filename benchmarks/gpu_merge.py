@@ -9,9 +9,11 @@ threshold by histogram selection, counter-hash DARE masks), and the reference `0
 0.4 z` (`linear_merge`). Issue 10's target: TIES under 0.5 s on an H100, the reference about
 0.04 s there.
 
-    python benchmarks/gpu_merge.py [--device cuda] [--shape 7b|tiny] [--methods ties,dare_ties] [--json out.json]
+    python benchmarks/gpu_merge.py [--device cuda] [--shape 7b|1b|tiny] [--methods ties,ties_select,dare_ties] [--json out.json]
 
 `--shape tiny` (a 2-layer model) runs anywhere, CPU included (a smoke test of this script).
+On CUDA the fused Triton kernels (`evomerge_core.merge.triton_merge`) run; `EVOMERGE_TRITON=0`
+times the plain torch-ops path instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 SHAPES = {
     "7b": dict(vocab=32000, hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8),
+    "1b": dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv_heads=4),
     "tiny": dict(vocab=512, hidden=256, inter=704, layers=2, heads=8, kv_heads=2),
 }
 
@@ -51,6 +54,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    from evomerge_core.merge import kernels, triton_merge
     from evomerge_core.merge.kernels import TaskVectorSpec, linear_merge, task_vector_merge
 
     device = torch.device(args.device)
@@ -75,7 +79,15 @@ def main() -> int:
         t = time.perf_counter()
         for i, (tname, b, (x, y)) in enumerate(sources):
             o = out[: b.numel()].view(b.shape)
-            if method == "reference":
+            if method == "ties_select":  # the threshold selection of TIES alone
+                ks = [kernels.magnitude_k(0.5, b.numel())] * 2
+                if fused:
+                    triton_merge.magnitude_cuts(b.view(-1), [x.view(-1), y.view(-1)], ks)
+                else:
+                    task_vector_merge(b, [x, y], [TaskVectorSpec(0.6, 0.5), TaskVectorSpec(0.7, 0.5)],
+                                      sparsification="magnitude", consensus=True, normalize=True, lam=1.0,
+                                      rescale=False, out=o)
+            elif method == "reference":
                 linear_merge([b, x, y], [0.3, 0.3, 0.4], normalize=False, out=o)
             else:
                 random = method == "dare_ties"
@@ -85,12 +97,17 @@ def main() -> int:
         sync()
         return time.perf_counter() - t
 
-    results = {"device": name, "shape": args.shape, "parameters_per_model": params, "seconds": {}}
+    fused = triton_merge.usable(device, 2)
+    results = {"device": name, "shape": args.shape, "parameters_per_model": params, "seconds": {},
+               "path": "triton (fused)" if fused else "torch ops", "torch": torch.__version__}
+    print(f"{name}: {args.shape}, {params / 1e9:.2f} B parameters per model, merge path: {results['path']}", flush=True)
     for method in ["reference", *args.methods.split(","), "reference"]:
         run(method)  # warm-up (allocations, kernels)
         best = min(run(method) for _ in range(args.repeats))
         results["seconds"].setdefault(method, []).append(best)
         print(f"{name}: {method:<10} {best:8.3f} s ({params / 1e9:.2f} B parameters x 3 models, bf16)", flush=True)
+    results["thresholds_found_by"] = dict(triton_merge.SELECTIONS)
+    print(f"TIES thresholds found by: {results['thresholds_found_by']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -42,6 +42,24 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
+_STOP_MASKS: dict[tuple[int, tuple[str, ...], int, str], torch.Tensor] = {}
+
+
+def _stop_token_mask(tokenizer, chars: tuple[str, ...], vocab: int, device: torch.device) -> torch.Tensor:
+    """Boolean over token ids: the token's text contains one of the one-character stop strings."""
+    key = (id(tokenizer), chars, vocab, str(device))
+    mask = _STOP_MASKS.get(key)
+    if mask is None:
+        known = min(vocab, len(tokenizer))
+        texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=True)
+        flags = [any(c in t for c in chars) for t in texts] + [False] * (vocab - known)
+        mask = torch.tensor(flags, dtype=torch.bool, device=device)
+        if len(_STOP_MASKS) > 64:
+            _STOP_MASKS.clear()
+        _STOP_MASKS[key] = mask
+    return mask
+
+
 @torch.inference_mode()
 def greedy_generate(
     model,
@@ -54,18 +72,32 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy-decode each prompt; return the generated continuations, cut at stop strings.
 
-    Uses the KV cache, left padding and stops a batch early once every sequence has produced
-    a stop string or the EOS token.
+    Length-sorted, left-padded batches with the KV cache; the prompt pass computes logits of
+    the last position only. A row leaves the batch (and its KV cache) as soon as its text
+    contains a stop string or it produced EOS, so finished rows cost nothing; the batch ends
+    when every row has. Stop detection is cheap: one-character stop strings by a per-token
+    lookup on the device, longer ones by decoding the last few tokens of each row; a hit is
+    confirmed on the row's whole text, so the outputs are exactly those of decoding every row
+    to `max_new_tokens` and cutting at the first stop string.
     """
     pad_id = _ensure_pad(tokenizer)
     eos_id = tokenizer.eos_token_id
     cache_arg = _cache_argument(model)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     device = next(model.parameters()).device
+    stops = tuple(s for s in stop_strings if s)
+    chars = tuple(s for s in stops if len(s) == 1)
+    longer = tuple(s for s in stops if len(s) > 1)
+    lookback = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in longer), default=0) + 2
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and getattr(tokenizer, "add_bos_token", False):
         encoded = [[bos] + ids for ids in encoded]
     outputs: list[str] = [""] * len(prompts)
+
+    def text_of(tokens: list[int]) -> str:
+        return tokenizer.decode([t for t in tokens if t != pad_id and t != eos_id], skip_special_tokens=True)
+
     for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
         width = max(len(encoded[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -75,40 +107,48 @@ def greedy_generate(
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        generated = torch.zeros((len(batch), 0), dtype=torch.long, device=device)
-        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+        generated = torch.full((len(batch), max(1, max_new_tokens)), pad_id, dtype=torch.long, device=device)
+        active = torch.arange(len(batch), device=device)  # batch rows still generating
+        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)  # only without row dropping
         cache = None
-        step_ids, step_pos = input_ids, position_ids
-        for _ in range(max_new_tokens):
+        step_ids, step_pos = input_ids, (attention.cumsum(-1) - 1).clamp(min=0)
+        for step in range(max_new_tokens):
             kwargs = {cache_arg: cache} if cache is not None else {}
-            out = model(
-                input_ids=step_ids,
-                attention_mask=attention,
-                position_ids=step_pos,
-                use_cache=True,
-                **kwargs,
-            )
+            out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
+                        **kwargs, **keep_last)
             cache = out.get(cache_arg)
-            next_tok = out.logits[:, -1, :].argmax(-1)
-            next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
-            generated = torch.cat([generated, next_tok[:, None]], dim=1)
-            if eos_id is not None:
-                finished |= next_tok == eos_id
-            if stop_strings and not bool(finished.all()):
-                for row in range(len(batch)):
-                    if not finished[row]:
-                        text = tokenizer.decode(generated[row], skip_special_tokens=True)
-                        if any(s and s in text for s in stop_strings):
-                            finished[row] = True
-            if bool(finished.all()):
+            logits = out.logits[:, -1, :]
+            next_tok = torch.where(finished, pad_id, logits.argmax(-1))
+            generated[active, step] = next_tok
+            done = finished | (next_tok == eos_id) if eos_id is not None else finished.clone()
+            if stops:
+                flagged = torch.zeros_like(done)
+                if chars:
+                    flagged |= _stop_token_mask(tokenizer, chars, logits.shape[-1], device)[next_tok]
+                if longer:
+                    tails = tokenizer.batch_decode(generated[active, max(0, step + 1 - lookback) : step + 1],
+                                                   skip_special_tokens=True)
+                    flagged |= torch.tensor([any(s in t for s in longer) for t in tails], device=device)
+                rows = (flagged & ~done).nonzero().squeeze(1).tolist()
+                if rows:
+                    texts = generated[active[rows], : step + 1].tolist()
+                    for r, tokens in zip(rows, texts):
+                        if any(s in text_of(tokens) for s in stops):
+                            done[r] = True
+            if bool(done.all()):
                 break
+            if bool(done.any()) and hasattr(cache, "batch_select_indices"):
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, attention, next_tok, step_pos = active[keep], attention[keep], next_tok[keep], step_pos[keep]
+                finished = finished[keep]
+            else:  # a cache that cannot drop rows keeps them, emitting padding
+                finished = done
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             step_ids = next_tok[:, None]
             step_pos = step_pos[:, -1:] + 1
         for row, i in enumerate(batch):
-            toks = [t for t in generated[row].tolist() if t != pad_id and t != eos_id]
-            outputs[i] = truncate_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stop_strings)
+            outputs[i] = truncate_at_stop(text_of(generated[row].tolist()), stop_strings)
     return outputs
 
 

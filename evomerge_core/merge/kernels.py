@@ -34,6 +34,8 @@ import torch
 
 from evomerge_core.errors import MergeError
 
+from . import triton_merge
+
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 26
 _BUCKETS = 1 << 15  # non-negative bf16 bit patterns 0 .. 0x7FFF
@@ -426,6 +428,11 @@ def task_vector_merge(
     if not tensors:
         flat_out.copy_(_flat(base))
         return out
+    if triton_merge.usable(device, len(tensors)):
+        triton_merge.task_vector_merge(_flat(base), [_flat(t) for t in tensors], specs, sparsification=sparsification,
+                                       consensus=consensus, normalize=normalize, lam=float(lam), rescale=rescale,
+                                       flat_out=flat_out)
+        return out
     job = _TaskVectorJob(_flat(base), [_flat(t) for t in tensors], specs, device, n)
     live = list(range(len(tensors)))
     if sparsification == "magnitude":
@@ -651,6 +658,9 @@ def linear_merge(
     L = min(chunk, n)
     flat = [_flat(t) for t in tensors]
     flat_out = out.view(-1)
+    if n and triton_merge.usable(device, len(flat)):
+        triton_merge.linear_merge(flat_out, flat, weights, normalize=normalize, total=total)
+        return out
     ranges = _ranges(n, chunk)
 
     def run(j: int) -> None:

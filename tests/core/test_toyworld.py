@@ -233,3 +233,35 @@ def test_a_fixed_merge_beats_both_experts_on_union_train(micro):
     experts = {name: evaluate_exact_match(micro.models[name], tok, rows) for name in ("skill_a", "lang")}
     merged = evaluate_exact_match(merged_model(micro, {"skill_a": 0.7, "lang": 0.7}), tok, rows)
     assert merged > max(experts.values()), (merged, experts)
+
+
+def _reference_generate(model, tok, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
+    """The definition: one prompt, no cache, the whole text checked after every token."""
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
+        tok_id = int(logits.argmax())
+        if tok_id == tok.eos_token_id:
+            break
+        new.append(tok_id)
+        if any(s in tok.decode(new, skip_special_tokens=True) for s in stops):
+            break
+    text = tok.decode(new, skip_special_tokens=True)
+    cut = min([text.find(s) for s in stops if s in text] or [len(text)])
+    return text[:cut]
+
+
+@pytest.mark.parametrize("stops", [["\n"], ["5", "\n"], ["\n\n", "00"], []])
+def test_generation_with_row_dropping_matches_the_definition(micro, stops):
+    """Rows leave the batch when they stop (one-character stops by token lookup, longer ones by
+    a decoded tail), yet every output equals the plain one-prompt, no-cache definition."""
+    model = load_model(micro.models["lang"])
+    tok = load_tokenizer(micro.models["lang"])
+    rows = micro.rows("union", "validation")[:20]
+    prompts = [r["prompt"] for r in rows]
+    got = greedy_generate(model, tok, prompts, max_new_tokens=7, stop_strings=stops, batch_size=8)
+    want = [_reference_generate(model, tok, p, 7, stops) for p in prompts]
+    assert got == want
+    if stops:
+        assert len({len(g) for g in got}) > 1  # rows really stopped at different steps
