@@ -4,17 +4,23 @@ The torch path of `evomerge_core.merge.kernels` runs about 25 elementwise kernel
 each a full round trip through memory; here every pass is one kernel that reads the bf16/fp16
 sources once and keeps the float32 arithmetic in registers:
 
-- the exact TIES threshold by radix selection on the float32 bit pattern of |model - base|
-  (non-negative floats order like their bits): four histogram passes of 8 bits each, one
-  256-bin `tl.histogram` per block, then, when the k-th largest magnitude has ties, one pass
-  counting equal entries per block to find the cut index (ties kept lowest index first);
+- the exact TIES threshold of each model: a fixed random sample of 65,536 magnitudes brackets
+  the k-th largest between two sampled values; one pass counts the entries above, at and
+  below the bracket and collects the few strictly inside; the threshold follows from the
+  counts (with bf16 sources magnitudes are quantised and it usually is a bracket end) or from
+  sorting the inside ones; when it has ties, one pass counting equal entries per block and
+  one block scan find the cut index (ties kept lowest index first). A bracket that misses
+  (rare; the pass detects it) falls back to radix selection on the float32 bit pattern of
+  |d| (four 256-bin histogram passes);
 - DARE keep masks from the same counter hash as `DareMasker` (identical masks on CPU/GPU);
 - the L1 rescale sums, per block, summed in a fixed order;
 - one combine pass: masks, weights, sign election, normalisation, lambda, + base, written in
   the output dtype.
 
 Semantics, thresholds, cut indices and DARE masks are exactly those of the torch path; the
-float results agree to float32 rounding (the compiler may fuse multiply-adds).
+products that feed the TIES sign election are rounded separately (no fused multiply-add), so
+the elected signs match too; other results agree to float32 rounding. Measured on an H100:
+docs/benchmarks.md ("GPU path").
 
 Used automatically for CUDA tensors when `triton` imports and at most `MAX_MODELS` non-base
 models are merged; `EVOMERGE_TRITON=0` turns it off. On CPU it runs only under Triton's
