@@ -8,7 +8,7 @@ import os
 import time
 
 from evomerge_core.errors import UsageError
-from evomerge_core.toyworld.demo import DEFAULT_DFS_EVALUATIONS, DEFAULT_EVALUATIONS, SPACES
+from evomerge_core.toyworld.demo import DEFAULT_DFS_EVALUATIONS, DEFAULT_EVALUATIONS, DEFAULT_WORKERS, SPACES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spaces", default=",".join(SPACES),
                         help=f"evolved rows to run, comma-separated from {', '.join(SPACES)} (default: all); "
                              "psdfs includes ps, dfs includes its scales-fixed-to-1 ablation")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"processes the searches run in side by side (default {DEFAULT_WORKERS}; 1: one after "
+                             "another); results do not depend on it")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo flow and print where its outputs are."""
-    if args.seeds < 1 or args.evaluations < 2 or args.dfs_evaluations < 2:
-        raise UsageError("--seeds must be >= 1 and --evaluations / --dfs-evaluations >= 2")
+    if args.seeds < 1 or args.evaluations < 2 or args.dfs_evaluations < 2 or args.workers < 1:
+        raise UsageError("--seeds and --workers must be >= 1 and --evaluations / --dfs-evaluations >= 2")
     spaces = tuple(s.strip() for s in args.spaces.split(",") if s.strip())
     unknown = sorted(set(spaces) - set(SPACES))
     if unknown or not spaces:
@@ -42,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = demo(out_dir=args.out, size=args.size, seeds=args.seeds, evaluations=args.evaluations,
-                  dfs_evaluations=args.dfs_evaluations, spaces=spaces)
+                  dfs_evaluations=args.dfs_evaluations, spaces=spaces, workers=args.workers)
     print(f"demo finished in {time.perf_counter() - started:.0f} s; table: {result['outputs']['markdown']}")
     return 0
