@@ -7,6 +7,7 @@ left-padded so a batch wastes little compute; results come back in the caller's 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -42,22 +43,46 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-_STOP_MASKS: dict[tuple[int, tuple[str, ...], int, str], torch.Tensor] = {}
+# Per tokenizer (weakly held, so a new tokenizer never sees another's entries): the stop-token
+# masks, and the token ids of the last prompt list (a search scores the same prompts for every
+# candidate).
+_PER_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_cache(tokenizer) -> dict:
+    try:
+        return _PER_TOKENIZER.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no caching
+        return {}
 
 
 def _stop_token_mask(tokenizer, chars: tuple[str, ...], vocab: int, device: torch.device) -> torch.Tensor:
     """Boolean over token ids: the token's text contains one of the one-character stop strings."""
-    key = (id(tokenizer), chars, vocab, str(device))
-    mask = _STOP_MASKS.get(key)
+    cache = _tokenizer_cache(tokenizer)
+    key = ("stop", chars, vocab, str(device))
+    mask = cache.get(key)
     if mask is None:
         known = min(vocab, len(tokenizer))
         texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=True)
         flags = [any(c in t for c in chars) for t in texts] + [False] * (vocab - known)
-        mask = torch.tensor(flags, dtype=torch.bool, device=device)
-        if len(_STOP_MASKS) > 64:
-            _STOP_MASKS.clear()
-        _STOP_MASKS[key] = mask
+        mask = cache[key] = torch.tensor(flags, dtype=torch.bool, device=device)
     return mask
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of the prompts (no special tokens; BOS when the tokenizer adds one), reused
+    while the same prompts come back."""
+    cache = _tokenizer_cache(tokenizer)
+    key = tuple(prompts)
+    hit = cache.get("prompts")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and getattr(tokenizer, "add_bos_token", False):
+        encoded = [[bos] + ids for ids in encoded]
+    cache["prompts"] = (key, encoded)
+    return encoded
 
 
 @torch.inference_mode()
@@ -89,10 +114,7 @@ def greedy_generate(
     chars = tuple(s for s in stops if len(s) == 1)
     longer = tuple(s for s in stops if len(s) > 1)
     lookback = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in longer), default=0) + 2
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and getattr(tokenizer, "add_bos_token", False):
-        encoded = [[bos] + ids for ids in encoded]
+    encoded = _encode_prompts(tokenizer, prompts)
     outputs: list[str] = [""] * len(prompts)
 
     def text_of(tokens: list[int]) -> str:
