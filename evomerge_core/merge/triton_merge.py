@@ -138,7 +138,7 @@ def _bracket_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequen
         _k().band_kernel[(_blocks(n, _HIST_BLOCK),)](x, base, counts[i], bands[i], n, lo, hi, cap, BLOCK=_HIST_BLOCK)
     cuts: list[MagnitudeCut | None] = [None] * M
     tied: list[tuple[int, int, int]] = []  # (model, threshold bits, equal entries to keep)
-    inner: list[tuple[int, int, int]] = []  # (model, rank inside the interior, entries above it)
+    inner: list[tuple[int, int]] = []  # (model, rank of the wanted magnitude inside the interior)
     for i, ((above, at_hi, at_lo, inside), k, (lo, hi, cap)) in enumerate(zip(counts.tolist(), ks, bounds)):
         if k <= above or inside > cap or k > above + at_hi + inside + at_lo:
             continue  # the bracket missed the k-th largest: radix fallback
@@ -151,13 +151,13 @@ def _bracket_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequen
             if k - above - at_hi - inside < at_lo:
                 tied.append((i, lo, k - above - at_hi - inside))
         else:
-            inner.append((i, k - above - at_hi, above + at_hi))
+            inner.append((i, k - above - at_hi))
     if inner:  # strictly inside the bracket: sort those few magnitudes
         sizes = counts[:, 3].tolist()
-        vals = [bands[i][: sizes[i]] for i, _, _ in inner]
-        thresholds = torch.stack([v.sort(descending=True).values[r - 1] for v, (_, r, _) in zip(vals, inner)])
+        vals = [bands[i][: sizes[i]] for i, _ in inner]
+        thresholds = torch.stack([v.sort(descending=True).values[r - 1] for v, (_, r) in zip(vals, inner)])
         stats = torch.stack([torch.stack([(v > t).sum(), (v == t).sum()]) for v, t in zip(vals, thresholds)])
-        for (i, rank, outside), t, (greater, equal) in zip(inner, thresholds.tolist(), stats.tolist()):
+        for (i, rank), t, (greater, equal) in zip(inner, thresholds.tolist(), stats.tolist()):
             need = rank - greater  # equal entries kept, lowest index first
             cuts[i] = MagnitudeCut(_bits_to_float(t), n)
             if need < equal:
