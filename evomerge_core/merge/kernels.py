@@ -383,6 +383,20 @@ def dare_mask(shape: Sequence[int] | torch.Size, density: float, seed: int, devi
     return out.reshape(tuple(shape))
 
 
+def dare_maskers(specs: Sequence["TaskVectorSpec"], device: torch.device) -> dict[int, DareMasker]:
+    """{model position: its DARE masker} for the models that drop anything (density < 1)."""
+    maskers = {}
+    for i, sp in enumerate(specs):
+        if float(sp.density) >= 1:
+            continue
+        if sp.seed is None:
+            raise MergeError("DARE needs a seed per model; pass TaskVectorSpec(seed=...)")
+        mk = DareMasker(sp.seed, float(sp.density), device)
+        if not mk.keep_all:
+            maskers[i] = mk
+    return maskers
+
+
 def seed_from(generator: torch.Generator | int | None) -> int:
     """A 63-bit DARE seed: the int itself, one draw from `generator`, or from torch's RNG."""
     if isinstance(generator, int):
@@ -533,14 +547,7 @@ class _TaskVectorJob:
 
     def random(self, rescale: bool) -> None:
         """DARE: the mask generators, and with `rescale` the L1 factors (uniforms stored)."""
-        for i, sp in enumerate(self.specs):
-            if float(sp.density) >= 1:
-                continue
-            if sp.seed is None:
-                raise MergeError("DARE needs a seed per model; pass TaskVectorSpec(seed=...)")
-            mk = DareMasker(sp.seed, float(sp.density), self.device)
-            if not mk.keep_all:
-                self.maskers[i] = mk
+        self.maskers = dare_maskers(self.specs, self.device)
         if not self.maskers or not rescale:
             return
         for i in self.maskers:  # -1 keep / 0 drop, exact in bf16, reused by the final pass

@@ -279,8 +279,7 @@ def task_vector_merge(base: torch.Tensor, models: list[torch.Tensor], specs: Seq
                       sparsification: str | None, consensus: bool, normalize: bool, lam: float, rescale: bool,
                       flat_out: torch.Tensor) -> None:
     """`kernels.task_vector_merge` on flat contiguous tensors, fused (see the module docstring)."""
-    from .kernels import DareMasker, magnitude_k
-    from ..errors import MergeError
+    from .kernels import dare_maskers, magnitude_k
 
     n = base.numel()
     weights = [float(sp.weight) for sp in specs]
@@ -295,14 +294,8 @@ def task_vector_merge(base: torch.Tensor, models: list[torch.Tensor], specs: Seq
             for i, c in zip(todo, magnitude_cuts(base, [models[i] for i in todo], [ks[i] for i in todo])):
                 cuts[i] = c
     elif sparsification == "random":
-        for i, sp in enumerate(specs):
-            if float(sp.density) >= 1:
-                continue
-            if sp.seed is None:
-                raise MergeError("DARE needs a seed per model; pass TaskVectorSpec(seed=...)")
-            mk = DareMasker(sp.seed, float(sp.density), base.device)
-            if not mk.keep_all:
-                maskers[i] = mk
+        for i, mk in dare_maskers(specs, base.device).items():
+            maskers[i] = mk
     scales = list(weights)
     if rescale:
         for i in live:
