@@ -94,12 +94,12 @@ def main() -> int:
 
     from evomerge_core.generation import greedy_generate
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: not measured", file=sys.stderr)
+    from gpu_device import open_device
+
+    opened = open_device(args.device)
+    if opened is None:
         return 2
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, sync, name = opened
     vocab = 32000
     tok = build_tokenizer(vocab)
     config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,

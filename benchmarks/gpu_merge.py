@@ -57,12 +57,12 @@ def main() -> int:
     from evomerge_core.merge import kernels, triton_merge
     from evomerge_core.merge.kernels import TaskVectorSpec, linear_merge, task_vector_merge
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: the GPU path was not measured", file=sys.stderr)
+    from gpu_device import open_device
+
+    opened = open_device(args.device)
+    if opened is None:
         return 2
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, sync, name = opened
     shapes = tensor_shapes(SHAPES[args.shape])
     gen = torch.Generator(device=device).manual_seed(0)
     sources = []
