@@ -23,6 +23,7 @@ Semantics are those of `evomerge_core.merge.methods` (mergekit 0.1.5), with thes
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import threading
@@ -35,7 +36,7 @@ import torch
 
 from evomerge_core.errors import MergeError
 
-from . import triton_merge
+from . import native, triton_merge
 
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 26
@@ -209,14 +210,23 @@ def magnitude_cut(keys: torch.Tensor, k: int, exact_abs: Callable[[torch.Tensor]
     `keys`: int16, one per entry, non-negative and monotone in |d| (bf16 bits of |d|);
     `exact_abs(idx)`: the exact float32 |d| at the ascending flat indices `idx`.
     """
-    n = keys.numel()
-    hist = torch.bincount(keys, minlength=_BUCKETS)
+    bucket, rank = bucket_of_kth(torch.bincount(keys, minlength=_BUCKETS), k)
+    idx = _indices_equal(keys, bucket)
+    return cut_in_bucket(idx, exact_abs(idx).view(torch.int32), rank, keys.numel())
+
+
+def bucket_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bucket, rank): the k-th largest key is the rank-th largest entry of `bucket`, given
+    the histogram `hist` of the keys."""
     at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b] = #entries with key >= b
     bucket = int((at_least >= k).sum()) - 1  # highest bucket with >= k entries at or above it
     above = int(at_least[bucket]) - int(hist[bucket])
-    rank = k - above  # the wanted entry is the rank-th largest of its bucket
-    idx = _indices_equal(keys, bucket)
-    bits = exact_abs(idx).view(torch.int32)  # non-negative floats order like their bits
+    return bucket, k - above
+
+
+def cut_in_bucket(idx: torch.Tensor, bits: torch.Tensor, rank: int, n: int) -> MagnitudeCut:
+    """The cut that keeps the rank-th largest of one bucket's entries (ascending flat indices
+    `idx`, float32 bits of their |d| `bits`) and everything above it, of n entries."""
     # The bucket's magnitudes round to one bf16 value, so their float32 bit patterns span at
     # most 2^16 + 1 consecutive integers: a histogram finds the rank-th largest exactly
     # (cheaper than `kthvalue` when the bucket holds millions of entries).
@@ -455,6 +465,7 @@ def task_vector_merge(
                                        flat_out=flat_out)
         return out
     job = _TaskVectorJob(_flat(base), [_flat(t) for t in tensors], specs, device, n)
+    job.lib = native.usable(device, [job.b, *job.ms], flat_out)
     live = list(range(len(tensors)))
     if sparsification == "magnitude":
         for i, sp in enumerate(specs):
@@ -480,6 +491,7 @@ class _TaskVectorJob:
         self.cuts: dict[int, MagnitudeCut] = {}
         self.maskers: dict[int, DareMasker] = {}
         self.stored_masks: dict[int, torch.Tensor] = {}
+        self.lib: native.Library | None = None  # the C kernels, when they can run this merge
 
     def buf(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _WS.get(name, self.L, dtype, self.device)
@@ -510,6 +522,9 @@ class _TaskVectorJob:
         """TIES: the exact top-k cut of each model in `todo` (bf16 keys, then selection)."""
         if not todo:
             return
+        if self.lib is not None and self._native_cuts(todo):
+            self._magnitude_rescale(rescale)
+            return
         keys = {i: _WS.get(f"keys{i}", self.n, torch.int16, self.device) for i in todo}
 
         def pass_a(s: int, e: int) -> None:
@@ -531,7 +546,58 @@ class _TaskVectorJob:
             self.cuts[i] = magnitude_cut(keys[i].bitwise_and_(0x7FFF), k, exact_abs)
 
         _for_each(len(todo), select, self.device)
-        if rescale:  # L1 rescale of the kept entries (off by default for TIES)
+        self._magnitude_rescale(rescale)
+
+    def _native_cuts(self, todo: list[int]) -> bool:
+        """The cuts of `todo` by the C kernels; False (nothing set) if a magnitude is inf/NaN."""
+        assert self.lib is not None
+        lib = self.lib.lib
+        ks = [magnitude_k(float(self.specs[i].density), self.n) for i in todo]
+        models = [self.ms[i] for i in todo]
+        ptrs, codes = native.pointers(models)
+        bcode = native.dtype_code(self.b)
+        parts = _ranges(self.n, _HIST_PART)
+
+        def hist(j: int) -> None:
+            s, e = parts[j]
+            lib.evomerge_ties_hist(self.b.data_ptr(), bcode, ptrs, codes, len(todo), s, e, hists[j].data_ptr())
+
+        hists = torch.zeros(len(parts), len(todo), native.KEYS, dtype=torch.int32)
+        _for_each(len(parts), hist, self.device)
+        total = hists.sum(0, dtype=torch.int64)
+        found = [bucket_of_kth(total[j], k) for j, k in enumerate(ks)]
+        if any(bucket >= 0x7F80 for bucket, _ in found):
+            return False  # inf/NaN among the top magnitudes: the torch path's exact handling
+
+        fine = torch.zeros(len(parts), len(todo), native.FINE, dtype=torch.int32)
+
+        def fine_hist(j: int) -> None:
+            s, e = parts[j]
+            for q, m in enumerate(models):
+                lib.evomerge_ties_fine_hist(self.b.data_ptr(), bcode, m.data_ptr(), codes[q], s, e, found[q][0],
+                                            fine[j, q].data_ptr())
+
+        _for_each(len(parts), fine_hist, self.device)
+        for q, i in enumerate(todo):
+            bucket, rank = found[q]
+            t, need = bucket_of_kth(fine[:, q].sum(0, dtype=torch.int64), rank)
+            bits = (bucket << 16) - 0x8000 + t
+            cut = self.n
+            per_part = fine[:, q, t].to(torch.int64)
+            if need < int(per_part.sum()):  # ties at the threshold: the need-th of them is the first dropped
+                before = per_part.cumsum(0) - per_part
+                p = int((before <= need).sum()) - 1  # the part that holds it
+                s, e = parts[p]
+                cut = int(lib.evomerge_nth_equal(self.b.data_ptr(), bcode, models[q].data_ptr(), codes[q], s, e, bits,
+                                                 need - int(before[p])))
+                if cut < 0:
+                    raise MergeError(f"internal error: TIES tie {need} not found in entries {s}..{e}; set EVOMERGE_NATIVE=0 and report it")
+            self.cuts[i] = MagnitudeCut(float(torch.tensor(bits, dtype=torch.int32).view(torch.float32)), cut)
+        return True
+
+    def _magnitude_rescale(self, rescale: bool) -> None:
+        """With `rescale`, the L1 factors of the TIES models (off by default for TIES)."""
+        if rescale:
             def sums(s: int, e: int) -> dict[int, tuple[float, float]]:
                 c = self.base_chunk(s, e)
                 a = self.buf("a")[: e - s]
@@ -550,6 +616,9 @@ class _TaskVectorJob:
         self.maskers = dare_maskers(self.specs, self.device)
         if not self.maskers or not rescale:
             return
+        if self.lib is not None:
+            self._apply_rescale(self._native_dare_sums(), list(self.maskers))
+            return
         for i in self.maskers:  # -1 keep / 0 drop, exact in bf16, reused by the final pass
             self.stored_masks[i] = _WS.get(f"mask{i}", self.n, torch.bfloat16, self.device)
 
@@ -566,6 +635,23 @@ class _TaskVectorJob:
 
         self._apply_rescale(self.chunks(sums), list(self.maskers))
 
+    def _native_dare_sums(self) -> list[dict[int, tuple[float, float]]]:
+        """Per chunk {model: (sum |d|, sum of the kept |d|)} by the C kernels."""
+        assert self.lib is not None
+        order = list(self.maskers)
+        ptrs, codes = native.pointers([self.ms[i] for i in order])
+        muls, adds, thresholds = _masker_arrays([self.maskers[i] for i in order])
+        bcode = native.dtype_code(self.b)
+
+        def sums(s: int, e: int) -> dict[int, tuple[float, float]]:
+            before = (ctypes.c_double * len(order))()
+            after = (ctypes.c_double * len(order))()
+            self.lib.lib.evomerge_dare_sums(self.b.data_ptr(), bcode, ptrs, codes, len(order), muls, adds, thresholds,
+                                            s, e, before, after)
+            return {i: (before[j], after[j]) for j, i in enumerate(order)}
+
+        return self.chunks(sums)
+
     def _apply_rescale(self, per_chunk: list[dict[int, tuple[float, float]]], models: list[int]) -> None:
         for i in models:
             before = sum(r[i][0] for r in per_chunk)  # chunk order: independent of threads
@@ -581,6 +667,9 @@ class _TaskVectorJob:
         plain_div = 1.0 if abs(wsum) < 1e-8 else wsum
         live_weights = [self.weights[i] for i in live]
         safe_div = bool(live_weights) and min(live_weights) > 1e-20  # divisor 0 <=> no agreeing entry
+        if self.lib is not None:
+            self._native_combine(live, consensus, normalize, safe_div, plain_div, lam, flat_out)
+            return
 
         def chunk(s: int, e: int) -> None:
             L_ = e - s
@@ -648,6 +737,47 @@ class _TaskVectorJob:
             flat_out[s:e].copy_(o)
 
         self.chunks(chunk)
+
+
+    def _native_combine(self, live: list[int], consensus: bool, normalize: bool, safe_div: bool, plain_div: float,
+                        lam: float, flat_out: torch.Tensor) -> None:
+        """`combine` by the C kernels, chunk by chunk (the same arithmetic)."""
+        assert self.lib is not None
+        nm = len(live)
+        ptrs, codes = native.pointers([self.ms[i] for i in live])
+        kinds = (ctypes.c_int * max(1, nm))()
+        ge, gt = (ctypes.c_float * max(1, nm))(), (ctypes.c_float * max(1, nm))()
+        cuts = (ctypes.c_int64 * max(1, nm))()
+        for j, i in enumerate(live):
+            if i in self.cuts:
+                kinds[j] = 1
+                ge[j], gt[j], cuts[j] = _below(self.cuts[i].threshold), self.cuts[i].threshold, self.cuts[i].cut
+            elif i in self.maskers:
+                kinds[j] = 2
+        muls, adds, thresholds = _masker_arrays([self.maskers.get(i) for i in live])
+        scales = (ctypes.c_float * max(1, nm))(*[self.scales[i] for i in live])
+        weights = (ctypes.c_float * max(1, nm))(*[self.weights[i] for i in live])
+        bcode, ocode = native.dtype_code(self.b), native.dtype_code(flat_out)
+        fn = self.lib.lib.evomerge_tv_combine
+
+        def chunk(s: int, e: int) -> None:
+            fn(self.b.data_ptr(), bcode, ptrs, codes, nm, kinds, scales, weights, ge, gt, cuts, muls, adds, thresholds,
+               int(consensus), int(normalize), int(safe_div), plain_div, int(lam != 1), lam, s, e, flat_out.data_ptr(), ocode)
+
+        self.chunks(chunk)
+
+
+_HIST_PART = 1 << 21  # entries per C histogram call (each part has its own histograms)
+
+
+def _masker_arrays(maskers: Sequence[DareMasker | None]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """The (mul, add, threshold) arrays of DARE maskers for the C kernels (zeros for None)."""
+    n = max(1, len(maskers))
+    muls, adds, thresholds = (ctypes.c_uint32 * n)(), (ctypes.c_uint32 * n)(), (ctypes.c_int32 * n)()
+    for j, mk in enumerate(maskers):
+        if mk is not None:
+            muls[j], adds[j], thresholds[j] = mk.mul & 0xFFFFFFFF, mk.add & 0xFFFFFFFF, mk.threshold
+    return muls, adds, thresholds
 
 
 # --------------------------------------------------------------------------- linear, slerp

@@ -2,7 +2,9 @@
 
 The reference functions below are the plain, whole-tensor formulation of each method (the
 code the kernels replaced); TIES must match them bit for bit (up to the sign of zero),
-including ties at the threshold, chunk boundaries and bf16 inputs.
+including ties at the threshold, chunk boundaries and bf16 inputs. Every test runs twice: on
+the C kernels (`native`, the default on CPU) and on the torch ops (`EVOMERGE_NATIVE=0`, what
+runs where no C compiler is found).
 """
 
 from __future__ import annotations
@@ -12,10 +14,22 @@ import math
 import pytest
 import torch
 
-from evomerge_core.merge import kernels
+from evomerge_core.merge import kernels, native
 from evomerge_core.merge.kernels import TaskVectorSpec, task_vector_merge
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run the test on the C kernels and on the torch ops."""
+    if request.param == "native":
+        monkeypatch.delenv("EVOMERGE_NATIVE", raising=False)
+        if native.library() is None:
+            pytest.skip("the C kernels are unavailable (no C compiler); test_native_kernels.py checks they build")
+    else:
+        monkeypatch.setenv("EVOMERGE_NATIVE", "0")
+    return request.param
 
 
 # --------------------------------------------------------------------------- references
@@ -81,8 +95,9 @@ def _family(shape, *, dtype=torch.float32, seed=0, models=2, noise=0.01):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 64 elements so every test crosses many chunk boundaries."""
+    """Chunks of 64 elements (C histogram parts of 96) so every test crosses many boundaries."""
     monkeypatch.setattr(kernels, "CPU_CHUNK", 64)
+    monkeypatch.setattr(kernels, "_HIST_PART", 96)
 
 
 # --------------------------------------------------------------------------- TIES
