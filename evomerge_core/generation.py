@@ -184,7 +184,8 @@ def answer_logprobs(
     batch_size: int = 32,
 ) -> list[float]:
     """Mean per-token log-probability of each answer given its prompt (teacher forcing,
-    one forward pass per batch, no generation)."""
+    one forward pass per batch, no generation); ValueError when one is not finite (the
+    model's logits hold NaN or inf)."""
     if len(prompts) != len(answers):
         raise ValueError("prompts and answers must have the same length")
     pad_id = _ensure_pad(tokenizer)
@@ -217,6 +218,8 @@ def answer_logprobs(
         token_lp = logp.gather(-1, target[..., None]).squeeze(-1)
         mask = answer_mask[:, 1:]
         per_row = (token_lp * mask).sum(-1) / mask.sum(-1)
+        if not bool(torch.isfinite(per_row).all()):  # NaN or +inf in a row's logits, or -inf at its answer
+            raise ValueError("the merged model produces NaN/inf logits")
         for row, i in enumerate(batch):
             results[i] = float(per_row[row])
     return results

@@ -7,7 +7,8 @@ A scorer is a callable ``fn(ctx: ScoreContext) -> float | Mapping`` (a mapping h
 ``fitness`` and optionally ``accuracy`` and other metrics). Attributes a scorer function may
 set: ``worst_fitness`` (recorded for failed candidates), ``is_accuracy`` (its value is an
 accuracy), ``needs_dataset`` (False for scorers that bring their own data, e.g. lm-eval),
-``check_options(options)`` (validate options before any model is loaded).
+``checks_logits`` (it raises on NaN/inf logits itself, so the evaluator skips its own check
+pass), ``check_options(options)`` (validate options before any model is loaded).
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ class Scorer:
     def is_accuracy(self) -> bool:
         """True when the scorer's value is itself an accuracy."""
         return bool(getattr(self.fn, "is_accuracy", False))
+
+    @property
+    def checks_logits(self) -> bool:
+        """True when the scorer raises on NaN/inf logits itself (no separate check pass needed)."""
+        return bool(getattr(self.fn, "checks_logits", False))
 
     @property
     def needs_dataset(self) -> bool:

@@ -98,4 +98,5 @@ def _check_logprob(options: Mapping[str, Any]) -> None:
 
 
 answer_logprob.worst_fitness = DEFAULT_LOGPROB_WORST  # type: ignore[attr-defined]
+answer_logprob.checks_logits = True  # type: ignore[attr-defined]  # answer_logprobs raises on NaN/inf
 answer_logprob.check_options = _check_logprob  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -184,3 +185,23 @@ def test_check_logits_flags_nan(tiny):
                 check_logits(model, tok, ["what is 1"])
         finally:
             model.model.norm.weight.copy_(saved)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_logprob_scorer_flags_nan_inf_logits_itself(tiny, poison):
+    """`logprob` raises on NaN/inf logits in its own forward passes, so the evaluator skips
+    its separate check pass for it (and only for scorers that declare it)."""
+    from evomerge_core.fitness.registry import get_scorer
+    from evomerge_core.generation import answer_logprobs
+
+    assert get_scorer("logprob").checks_logits and not get_scorer("exact_match").checks_logits
+    model, tok = tiny
+    assert all(math.isfinite(v) for v in answer_logprobs(model, tok, ["what is 1"], [" 2"]))
+    with torch.no_grad():
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight[3].fill_(poison)
+        try:
+            with pytest.raises(ValueError, match="the merged model produces NaN/inf logits"):
+                answer_logprobs(model, tok, ["what is 1", "what is 2"], [" 2", " 3"])
+        finally:
+            model.lm_head.weight.copy_(saved)
