@@ -6,7 +6,9 @@ The work is split into chunks of `chunk_elements(device)` elements, so on CPU th
 intermediates of a chunk stay in cache; comparisons that would produce boolean tensors (slow
 on CPU) are replaced by arithmetic (`hardshrink`, `copysign`, `sign`, `clamp`). Scratch memory
 comes from a per-thread workspace that is reused across calls (fresh pages are expensive),
-see `release_workspace`. The same code runs on CUDA with one large chunk.
+see `release_workspace`. The same code runs on CUDA with one large chunk. Task-vector merges
+on CPU run their passes as fused C loops when the C kernels build (`native`, bit-identical
+results); on CUDA as fused Triton kernels (`triton_merge`).
 
 Semantics are those of `evomerge_core.merge.methods` (mergekit 0.1.5), with these exact rules:
 
@@ -556,7 +558,7 @@ class _TaskVectorJob:
         models = [self.ms[i] for i in todo]
         ptrs, codes = native.pointers(models)
         bcode = native.dtype_code(self.b)
-        parts = _ranges(self.n, _HIST_PART)
+        parts = _ranges(self.n, max(_HIST_PART, -(-self.n // _MAX_PARTS)))
 
         def hist(j: int) -> None:
             s, e = parts[j]
@@ -767,7 +769,8 @@ class _TaskVectorJob:
         self.chunks(chunk)
 
 
-_HIST_PART = 1 << 21  # entries per C histogram call (each part has its own histograms)
+_HIST_PART = 1 << 21  # entries per C histogram call (each part has its own histograms) ...
+_MAX_PARTS = 64  # ... and at most this many parts per tensor (bounds the histograms' memory)
 
 
 def _masker_arrays(maskers: Sequence[DareMasker | None]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
