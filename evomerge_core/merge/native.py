@@ -102,6 +102,7 @@ def _build(cc: str) -> Path:
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("building the C merge kernels into %s (once per machine and compiler)", target)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
