@@ -52,18 +52,17 @@ class Library:
         lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
         if lib.evomerge_abi() != _ABI:
             raise OSError(f"{path} is a stale build (ABI {lib.evomerge_abi()}, expected {_ABI})")
-        p, i, i64, u32p, i32p, i64p, f32p, dp = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-        lib.evomerge_ties_hist.argtypes = [p, i, p, p, i, i64, i64, u32p]
+        # every pointer (tensor data and ctypes arrays alike) is passed as void*
+        p, i, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+        lib.evomerge_ties_hist.argtypes = [p, i, p, p, i, i64, i64, p]
         lib.evomerge_ties_hist.restype = None
-        lib.evomerge_ties_fine_hist.argtypes = [p, i, p, i, i64, i64, i, u32p]
+        lib.evomerge_ties_fine_hist.argtypes = [p, i, p, i, i64, i64, i, p]
         lib.evomerge_ties_fine_hist.restype = None
         lib.evomerge_nth_equal.argtypes = [p, i, p, i, i64, i64, ctypes.c_uint32, i64]
-        lib.evomerge_nth_equal.restype = ctypes.c_int64
-        lib.evomerge_dare_sums.argtypes = [p, i, p, p, i, u32p, u32p, i32p, i64, i64, dp, dp]
+        lib.evomerge_nth_equal.restype = i64
+        lib.evomerge_dare_sums.argtypes = [p, i, p, p, i, p, p, p, i64, i64, p, p]
         lib.evomerge_dare_sums.restype = None
-        lib.evomerge_tv_combine.argtypes = [p, i, p, p, i, p, f32p, f32p, f32p, f32p, i64p, u32p, u32p, i32p,
-                                            i, i, i, ctypes.c_float, i, ctypes.c_float, i64, i64, p, i]
+        lib.evomerge_tv_combine.argtypes = [p, i, p, p, i, p, p, p, p, p, p, p, p, p, i, i, i, f32, i, f32, i64, i64, p, i]
         lib.evomerge_tv_combine.restype = None
         self.lib = lib
         self.max_models = int(lib.evomerge_max_models())
@@ -140,7 +139,7 @@ def library() -> Library | None:
 
 def usable(device: torch.device, tensors: Sequence[torch.Tensor], out: torch.Tensor) -> Library | None:
     """The kernels if they can run this merge: CPU, contiguous fp32/bf16/fp16, few models."""
-    if device.type != "cpu" or os.environ.get("EVOMERGE_NATIVE", "") == "0":
+    if device.type != "cpu":
         return None
     lib = library()
     if lib is None or len(tensors) - 1 > lib.max_models:
