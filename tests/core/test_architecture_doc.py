@@ -1,0 +1,43 @@
+"""docs/architecture.md's example of adding a merge method runs, and the method it registers
+is used by a recipe through the merge engine."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge_core.merge.engine import merge_state_dicts
+from evomerge_core.merge.methods import MERGE_METHODS
+from evomerge_core.merge.recipe import MergeRecipe
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+
+
+@pytest.fixture
+def registered_example():
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    example = next(b for b in blocks if "register_method" in b)
+    before = set(MERGE_METHODS)
+    exec(compile(example, str(DOC), "exec"), {})
+    added = set(MERGE_METHODS) - before
+    assert added == {"geometric_mean"}
+    yield MERGE_METHODS["geometric_mean"]
+    for name in added:
+        del MERGE_METHODS[name]
+
+
+def test_the_documented_merge_method_merges_through_a_recipe(registered_example):
+    a = {"w": torch.tensor([[1.0, -4.0], [9.0, 2.0]])}
+    b = {"w": torch.tensor([[4.0, -1.0], [1.0, 8.0]])}
+    recipe = MergeRecipe.model_validate({
+        "merge_method": "geometric_mean",
+        "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}],
+    })
+    merged = merge_state_dicts(recipe, {"a": a, "b": b}, num_layers=1)["w"]
+    torch.testing.assert_close(merged.float(), torch.tensor([[2.0, -2.0], [3.0, 4.0]]))
+    out = torch.zeros(2, 2)
+    assert registered_example([a["w"], b["w"]], model_params=[{"weight": 1.0}] * 2, out=out) is out
+    torch.testing.assert_close(out, torch.tensor([[2.0, -2.0], [3.0, 4.0]]))
