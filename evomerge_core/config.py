@@ -41,6 +41,9 @@ class SourceSpec(_Strict):
     # A vision-language model whose language model the other sources are merged into
     # (evomerge_core.vlm); its vision tower, projector and processor are kept.
     vlm: bool = False
+    # Accept pickle `.bin` weights (converted once to safetensors); pickles can run code when
+    # loaded, so each source opts in. Never changes results: left out of the config hash.
+    allow_pickle: bool = False
 
     @model_serializer(mode="wrap")
     def _drop_default_vlm(self, handler: Any) -> Any:
@@ -48,6 +51,8 @@ class SourceSpec(_Strict):
         data = handler(self)
         if isinstance(data, dict) and not self.vlm:
             data.pop("vlm", None)
+        if isinstance(data, dict) and not self.allow_pickle:
+            data.pop("allow_pickle", None)
         return data
 
 
@@ -331,6 +336,8 @@ class RunConfig(_Strict):
         """A stable hash of everything that changes results (not the run key or storage)."""
         payload = self.model_dump(mode="json", exclude={"run_key": True, "storage": True, "storage_options": True,
                                                           "output": True, "runtime": {"task_runner"}})
+        for source in payload.get("sources", []):
+            source.pop("allow_pickle", None)  # how weights are read, not what they are
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def generations(self, popsize: int) -> int:
@@ -467,8 +474,55 @@ def check_run_config(config: RunConfig) -> None:
         _check_ps_space(config, bases)
     _check_fitness(config.fitness)
     _check_vlm(config)
+    _check_runtime_output(config)
     if not (config.storage.startswith(("file://", "s3://", "memory://")) or "://" not in config.storage):
         raise ConfigError(f"storage: {config.storage!r} is not supported; use a file:// directory or an s3:// URL")
+    if not config.storage.startswith("memory://"):
+        from evomerge_core.errors import StorageError
+        from evomerge_core.storage import parse_storage_url
+
+        try:
+            parse_storage_url(config.storage)  # the form only; access is checked before the run starts
+        except StorageError as exc:
+            raise ConfigError(f"storage: {exc}") from None
+
+
+
+DEVICE_FORMS = "cpu, cuda, cuda:N or mps"
+
+
+def check_dtype_name(field: str, name: str) -> None:
+    """ConfigError naming `field` unless `name` is a dtype the merge engine knows."""
+    from evomerge_core.errors import MergeError
+    from evomerge_core.merge.engine import parse_dtype
+
+    try:
+        parse_dtype(name)
+    except MergeError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+
+
+def _check_runtime_output(config: RunConfig) -> None:
+    """Dtypes, the device's form and the publish target: what the end of a run would otherwise
+    find out (the device's presence is checked before the run starts, on the machine running it)."""
+    import re
+
+    check_dtype_name("runtime.dtype", config.runtime.dtype)
+    if config.output.dtype is not None:
+        check_dtype_name("output.dtype", config.output.dtype)
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", config.runtime.device):
+        raise ConfigError(f"runtime.device: {config.runtime.device!r} is not supported; use {DEVICE_FORMS}")
+    publish = config.output.publish
+    if publish.repo_id is not None:
+        from evomerge_core.publish import check_repo_id
+
+        try:
+            check_repo_id(publish.repo_id)
+        except UsageError as exc:
+            raise ConfigError(f"output.publish.repo_id: {exc}") from None
+        if not config.output.materialise_best:
+            raise ConfigError("output.publish.repo_id is set but output.materialise_best is false, so there would be "
+                              "no model to publish; set materialise_best: true or remove repo_id")
 
 
 def _check_vlm(config: RunConfig) -> None:
@@ -584,6 +638,24 @@ def _check_ps_space(config: RunConfig, bases: list[str]) -> None:
             raise ConfigError(f"space.ps.fixed: {key!r} is not a global parameter of {ps.method!r}{_did_you_mean(key, method.global_params)}; choose from {sorted(method.global_params)}")
     if isinstance(ps.granularity, LayerGroups) and ps.granularity.layer_groups < 1:
         raise ConfigError("space.ps.granularity.layer_groups must be at least 1")
+    _check_fixed_values(config)
+
+
+def _check_fixed_values(config: RunConfig) -> None:
+    """The values of space.ps.fixed pass the merge path's recipe checks (types, ranges)."""
+    from evomerge_core.errors import MergeError
+    from evomerge_core.merge.params import plan_recipe
+    from evomerge_core.merge.recipe import MergeRecipe, ModelEntry
+
+    ps = config.space.ps
+    assert ps is not None
+    base = config.base
+    recipe = MergeRecipe(merge_method=ps.method, base_model=base, parameters=dict(ps.fixed),
+                         models=[ModelEntry(model=s.model) for s in config.sources if s.model != base])
+    try:
+        plan_recipe(recipe)
+    except (ConfigError, MergeError) as exc:
+        raise ConfigError(f"space.ps.fixed: {exc}") from None
 
 
 def _check_prompt_template(template: str) -> None:

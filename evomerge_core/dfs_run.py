@@ -24,11 +24,11 @@ def resolve_dfs_sources(config: RunConfig) -> dict[str, Any]:
     """
     from evomerge_core.dataflow import check_pair
     from evomerge_core.io import read_config
-    from evomerge_core.sources import resolve_source
+    from evomerge_core.sources import resolve_run_source
 
     dfs = config.space.dfs
     assert dfs is not None
-    paths = {s.model: resolve_source(s.model) for s in config.sources}
+    paths = {s.model: resolve_run_source(s) for s in config.sources}
     cfg_a, cfg_b = read_config(paths[dfs.model_a]), read_config(paths[dfs.model_b])
     family = check_pair(cfg_a, cfg_b, name_a=dfs.model_a, name_b=dfs.model_b)
     return {

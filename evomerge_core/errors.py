@@ -34,3 +34,7 @@ class MergeError(EvomergeError):
 
 class StorageError(EvomergeError):
     """The run store (file:// or s3://) cannot be read or written."""
+
+
+class StorageURLError(StorageError, UsageError):
+    """A storage URL is malformed or uses an unsupported form (bad input: exit code 2)."""

@@ -206,7 +206,7 @@ def resolve_run_sources(config: RunConfig) -> dict[str, Any]:
 
     Returns ``{"paths": {ref: dir}, "num_layers": int, "architecture": str}``.
     """
-    from evomerge_core.sources import resolve_source, validate_sources
+    from evomerge_core.sources import resolve_run_source, validate_sources
 
     if config.space.kind == "dfs":  # A and B may differ in depth and vocabulary
         from evomerge_core.dfs_run import resolve_dfs_sources
@@ -216,7 +216,7 @@ def resolve_run_sources(config: RunConfig) -> dict[str, Any]:
         from evomerge_core.vlm import resolve_vlm_sources
 
         return resolve_vlm_sources(config)
-    paths = {s.model: resolve_source(s.model) for s in config.sources}
+    paths = {s.model: resolve_run_source(s) for s in config.sources}
     info = validate_sources(paths, base=config.base)
     return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
             "architecture": info.architecture}

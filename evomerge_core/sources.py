@@ -41,8 +41,19 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None]:
     return repo_id, (revision or None)
 
 
-def resolve_source(ref: str, *, allow_pickle: bool = False, cache_dir: Path | None = None, token: str | None = None) -> Path:
-    """Resolve a model reference to a local directory with safetensors weights."""
+PICKLE_HINT = "pass --allow-pickle to convert them to safetensors"
+RUN_PICKLE_HINT = "set allow_pickle: true on this source in the run config to convert them to safetensors"
+
+
+def resolve_run_source(spec) -> Path:
+    """Resolve one source of a run config (`config.SourceSpec`), with its `allow_pickle`."""
+    return resolve_source(spec.model, allow_pickle=spec.allow_pickle, pickle_hint=RUN_PICKLE_HINT)
+
+
+def resolve_source(ref: str, *, allow_pickle: bool = False, cache_dir: Path | None = None, token: str | None = None,
+                   pickle_hint: str = PICKLE_HINT) -> Path:
+    """Resolve a model reference to a local directory with safetensors weights; `pickle_hint`
+    is how the caller's user allows pickle weights (named when they are refused)."""
     if ref.startswith("file://"):
         ref = ref[len("file://"):]
     local = Path(ref).expanduser()
@@ -54,7 +65,7 @@ def resolve_source(ref: str, *, allow_pickle: bool = False, cache_dir: Path | No
         raise SourceError(f"model {ref!r} is not an existing directory, an fsspec URL or a Hub id (org/name[@revision]); check the path")
     else:
         path = _fetch_hub(ref, cache_dir, token, allow_pickle)
-    return _ensure_safetensors(ref, path, allow_pickle, cache_dir or default_cache_dir())
+    return _ensure_safetensors(ref, path, allow_pickle, cache_dir or default_cache_dir(), pickle_hint)
 
 
 def _fetch_hub(ref: str, cache_dir: Path | None, token: str | None, allow_pickle: bool) -> Path:
@@ -107,7 +118,7 @@ def _fetch_fsspec(url: str, cache_dir: Path, allow_pickle: bool) -> Path:
     return target
 
 
-def _ensure_safetensors(ref: str, path: Path, allow_pickle: bool, cache_dir: Path) -> Path:
+def _ensure_safetensors(ref: str, path: Path, allow_pickle: bool, cache_dir: Path, pickle_hint: str = PICKLE_HINT) -> Path:
     if list(path.glob("*.safetensors")):
         return path
     pickles = sorted(path.glob("*.bin"))
@@ -115,7 +126,7 @@ def _ensure_safetensors(ref: str, path: Path, allow_pickle: bool, cache_dir: Pat
         raise SourceError(f"model {ref!r} ({path}) has no safetensors weights; it cannot be merged")
     if not allow_pickle:
         raise SourceError(
-            f"model {ref!r} only has pickle .bin weights, which can run code when loaded; pass --allow-pickle to convert them to safetensors"
+            f"model {ref!r} only has pickle .bin weights, which can run code when loaded; {pickle_hint}"
         )
     return convert_pickle_dir(path, cache_dir / ("converted-" + hashlib.sha256(str(path).encode()).hexdigest()[:16]))
 

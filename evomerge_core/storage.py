@@ -2,7 +2,8 @@
 
 Two backends share one small interface (:class:`Backend`):
 
-- :class:`LocalBackend` for ``file:///abs/path`` and plain local paths. Writes go to a temporary
+- :class:`LocalBackend` for ``file:///abs/path``, ``file://./relative/path`` (resolved against the
+  current directory) and plain local paths. Writes go to a temporary
   file in the same directory, are fsynced and then published with ``os.replace`` (atomic on
   POSIX). fsspec's local ``pipe`` is not atomic, so this backend uses ``os`` directly.
 - :class:`S3Backend` for ``s3://bucket/prefix`` through fsspec/s3fs. A single-object PUT is
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from evomerge_core.errors import StorageError
+from evomerge_core.errors import StorageError, StorageURLError
 
-ACCEPTED_FORMS = "file:///absolute/path, a plain local path, or s3://bucket[/prefix]"
+ACCEPTED_FORMS = "file:///absolute/path, file://./relative/path, a plain local path, or s3://bucket[/prefix]"
 SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_ACCESS_KEY_ID",
@@ -66,22 +67,27 @@ class StorageLocation:
 def parse_storage_url(url: str) -> StorageLocation:
     """Parse a storage URL; raise :class:`StorageError` naming the URL and the accepted forms."""
     if not isinstance(url, str) or not url.strip():
-        raise StorageError(f"storage URL {url!r} is empty; use {ACCEPTED_FORMS}.")
+        raise StorageURLError(f"storage URL {url!r} is empty; use {ACCEPTED_FORMS}.")
     url = url.strip()
     if "://" not in url:
         if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", url) and not re.match(r"^[A-Za-z]:[\\/]", url):
-            raise StorageError(f"storage URL {url!r} is malformed; use {ACCEPTED_FORMS}.")
+            raise StorageURLError(f"storage URL {url!r} is malformed; use {ACCEPTED_FORMS}.")
         return StorageLocation("file", _clean_local(os.path.abspath(os.path.expanduser(url))))
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if parts.query or parts.fragment:
-        raise StorageError(
+        raise StorageURLError(
             f"storage URL {url!r} has a query or fragment, which is not supported; "
             f"use {ACCEPTED_FORMS}."
         )
     if scheme == "file":
+        rest = url[len("file://"):]
+        if rest in (".", "..", "~") or rest.startswith(("./", "../", "~/")):
+            # A relative file URL (file://./runs, the config default): resolved against the
+            # current directory now, so the run store never moves with a later chdir.
+            return StorageLocation("file", _clean_local(os.path.abspath(os.path.expanduser(rest))))
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise StorageError(
+            raise StorageURLError(
                 f"storage URL {url!r} is not an absolute file URL (write file:///abs/path with "
                 f"three slashes); use {ACCEPTED_FORMS}."
             )
@@ -89,15 +95,15 @@ def parse_storage_url(url: str) -> StorageLocation:
     if scheme == "s3":
         bucket = parts.netloc
         if not bucket or not _BUCKET_RE.match(bucket) or "@" in bucket or ":" in bucket:
-            raise StorageError(
+            raise StorageURLError(
                 f"storage URL {url!r} has no valid bucket name (3-63 lowercase letters, digits, "
                 f"'.', '-'); use {ACCEPTED_FORMS}."
             )
         prefix = "/".join(p for p in parts.path.split("/") if p)
         if any(p in (".", "..") for p in prefix.split("/")):
-            raise StorageError(f"storage URL {url!r} contains '.' or '..'; use {ACCEPTED_FORMS}.")
+            raise StorageURLError(f"storage URL {url!r} contains '.' or '..'; use {ACCEPTED_FORMS}.")
         return StorageLocation("s3", f"{bucket}/{prefix}" if prefix else bucket)
-    raise StorageError(
+    raise StorageURLError(
         f"storage URL {url!r} uses the unsupported scheme {scheme!r}; use {ACCEPTED_FORMS}."
     )
 

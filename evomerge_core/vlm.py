@@ -423,9 +423,9 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
 def resolve_vlm_sources(config: Any) -> dict[str, Any]:
     """Resolve a VLM run's sources and check the LLMs fit the VLM's language model:
     ``{"paths", "num_layers", "architecture"}`` like `evolution.resolve_run_sources`."""
-    from evomerge_core.sources import resolve_source
+    from evomerge_core.sources import resolve_run_source
 
-    paths = {s.model: resolve_source(s.model) for s in config.sources}
+    paths = {s.model: resolve_run_source(s) for s in config.sources}
     info = validate_vlm_sources(paths, vlm=config.vlm)
     return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
             "architecture": arch.architecture_name(info.checkpoint.config)}

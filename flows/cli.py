@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "evolve": "Run (or resume) an evolutionary merge search as a Prefect flow.",
     "demo": "Build the offline toy world and run the evolution end to end.",
     "publish": "Publish a model directory to the Hugging Face Hub.",
+    "toyworld": "Build (or reuse) the offline toy world and copy it to ./toyworld (for examples/toyworld-ps.yaml).",
 }
 
 

@@ -47,12 +47,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def preflight(config) -> None:
-    """Load the fitness items (train, validation, test; per stage) and check local DFS model
-    pairs, so data and shape problems surface before any model is loaded or anything written."""
+    """Load the fitness items (train, validation, test; per stage), then resolve and check the
+    sources as the flow will (the checks of `evomerge merge`, the search space, in-place
+    merging) and the device, so bad input surfaces before anything is written or a flow starts."""
     from evomerge_core.evaluate import preflight_run
+    from evomerge_core.preflight import check_device_present, check_run_sources
 
     preflight_run(config)
     check_local_sources(config)
+    check_device_present(config)
+    check_run_sources(config)
 
 
 def check_local_sources(config) -> None:
