@@ -1,0 +1,88 @@
+"""The generation engine used to score candidates (continuous batching, preallocated KV slots,
+on-device stop detection, CUDA graphs on CUDA), and the choice between it and the reference loop.
+
+- `engine_generate(model, tokenizer, prompts, ...)`: what `evomerge_core.generation.greedy_generate`
+  calls when the engine is chosen; the engine of a model is kept per model object (weakly), so its
+  buffers, graphs and length history live as long as the resident model.
+- `choose_backend(name, model)`: ``runtime.generation`` (``auto`` | ``engine`` | ``hf``) resolved
+  for a model: ``auto`` is the engine on CUDA and the reference loop elsewhere.
+- `generation_backend(name)`: a context in which `greedy_generate` uses that choice (the evaluator
+  wraps scoring in it).
+
+Modules: `kv_cache` (slots), `masks` (4D masks per attention layout), `stops` (device stop
+automata), `scheduler` (longest-expected-first), `runner` (the loop), `streaming` (pinned source
+residency for in-place merging on CUDA). See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from evomerge_core.engine.runner import GenerationEngine
+
+BACKENDS = ("auto", "engine", "hf")
+
+_CHOICE: contextvars.ContextVar[str] = contextvars.ContextVar("evomerge_generation_backend", default="auto")
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class GenerationBackend(Protocol):
+    """What a generation backend provides (the engine here; a vLLM-class server could be another):
+    greedy continuations of `prompts`, one cap per prompt, cut at the first stop string, with
+    ``stats["row_tokens"]`` filled when a stats dict is given. It must not keep any state of one
+    candidate's weights into the next call."""
+
+    def __call__(self, model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: Sequence[int],
+                 stop_strings: Sequence[str], batch_size: int, stats: dict | None) -> list[str]: ...
+
+
+@contextlib.contextmanager
+def generation_backend(name: str) -> Iterator[None]:
+    """Within this block `greedy_generate` uses backend `name` (``auto``, ``engine`` or ``hf``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"generation backend must be one of {list(BACKENDS)}, got {name!r}")
+    token = _CHOICE.set(name)
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
+def choose_backend(name: str | None, model: Any) -> str:
+    """``engine`` or ``hf`` for `model` (`name` None: the surrounding `generation_backend`)."""
+    name = name or _CHOICE.get()
+    if name not in BACKENDS:
+        raise ValueError(f"generation backend must be one of {list(BACKENDS)}, got {name!r}")
+    if name != "auto":
+        return name
+    try:
+        device = next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return "hf"
+    # On CPU the reference loop stays the default: float32 results then match earlier runs bit for
+    # bit (the engine's differently shaped matmuls may round differently on near-tied logits).
+    return "engine" if device.type == "cuda" else "hf"
+
+
+def engine_for(model: Any) -> GenerationEngine:
+    """The engine bound to `model` (created on first use, dropped with the model)."""
+    engine = _ENGINES.get(model)
+    if engine is None:
+        engine = _ENGINES[model] = GenerationEngine(model)
+    return engine
+
+
+def engine_generate(model: Any, tokenizer: Any, prompts: Sequence[str], encoded: Sequence[Sequence[int]], *,
+                    caps: Sequence[int], stop_strings: Sequence[str], batch_size: int, pad_id: int,
+                    eos_id: int | None) -> tuple[list[list[int]], list[bool]]:
+    """Token ids per prompt from the model's engine (see `GenerationEngine.generate`)."""
+    return engine_for(model).generate(model, tokenizer, prompts, encoded, caps=caps, stop_strings=stop_strings,
+                                      slots=batch_size, pad_id=pad_id, eos_id=eos_id)
+
+
+__all__ = ["BACKENDS", "GenerationBackend", "GenerationEngine", "choose_backend", "engine_for", "engine_generate",
+           "generation_backend"]
