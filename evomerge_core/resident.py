@@ -31,12 +31,16 @@ from typing import Any
 import torch
 
 from evomerge_core.errors import MergeError
+from evomerge_core.engine.streaming import pin_sources, stream_sources
 from evomerge_core.io import LazyModelReader
 from evomerge_core.merge.engine import _merge_planned, parse_dtype
 from evomerge_core.merge.flat import FLAT_METHODS, FlatSources, all_finite, merge_flat
 from evomerge_core.merge.kernels import cpu_parallelism
 from evomerge_core.merge.params import plan_recipe
 from evomerge_core.merge.recipe import MergeRecipe
+
+# Benchmarks set this to measure the pinned, streamed residency on a card the sources fit on.
+_FORCE_HOST_SOURCES = False
 
 # Flat merging keeps up to ~14 bytes per parameter and source (float32 copies, task vectors,
 # DARE uniforms, TIES ranks); above this size the per-tensor kernels are as fast anyway.
@@ -116,13 +120,19 @@ class ResidentModel:
         return flat
 
     def _sources_to_device(self) -> None:
-        """Keep the sources on the model's device when they fit (half the free memory)."""
+        """Keep the sources on the model's device when they fit (half the free memory); else in
+        pinned host memory, streamed to the device during each merge (`engine.streaming`)."""
+        self.residency = "host"
         if self.device.type != "cuda":
             return
         need = sum(t.numel() * t.element_size() for sd in self.state_dicts.values() for t in sd.values())
         free, _ = torch.cuda.mem_get_info(self.device)
-        if need < free // 2:
+        if need < free // 2 and not _FORCE_HOST_SOURCES:
             self.state_dicts = {ref: {n: t.to(self.device) for n, t in sd.items()} for ref, sd in self.state_dicts.items()}
+            self.residency = "device"
+        else:
+            self.state_dicts = pin_sources(self.state_dicts)
+            self.residency = "pinned"
 
     @torch.no_grad()
     def apply(self, recipe: MergeRecipe) -> None:
@@ -146,12 +156,17 @@ class ResidentModel:
 
     def _apply_per_tensor(self, plan) -> None:
         with cpu_parallelism(None if self.device.type == "cpu" else 1):
+            if getattr(self, "residency", "host") == "pinned":  # copies of the next tensors overlap this merge
+                for name, tensors in stream_sources(self.state_dicts, list(self._targets), self.device):
+                    self._merge_into(plan, name, self._targets[name], tensors)
+                return
             for name, target in self._targets.items():
                 self._merge_into(plan, name, target)
 
-    def _merge_into(self, plan, name: str, target: torch.Tensor) -> None:
+    def _merge_into(self, plan, name: str, target: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """One tensor of the per-tensor path, written straight into its weight when possible."""
-        tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
+        if tensors is None:
+            tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
         if any(t.device != target.device for t in tensors.values()):
             tensors = {ref: t.to(target.device) for ref, t in tensors.items()}
         direct = target.is_contiguous() and target.is_floating_point()

@@ -57,15 +57,38 @@ def choose_backend(name: str | None, model: Any) -> str:
     name = name or _CHOICE.get()
     if name not in BACKENDS:
         raise ValueError(f"generation backend must be one of {list(BACKENDS)}, got {name!r}")
-    if name != "auto":
+    if name == "hf":
         return name
-    try:
-        device = next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return "hf"
-    # On CPU the reference loop stays the default: float32 results then match earlier runs bit for
-    # bit (the engine's differently shaped matmuls may round differently on near-tied logits).
-    return "engine" if device.type == "cuda" else "hf"
+    why = unsupported_reason(model)
+    if name == "engine":
+        if why:
+            raise ValueError(f"runtime.generation is 'engine' but {why}; use runtime.generation: hf (or auto)")
+        return name
+    # auto. On CPU the reference loop stays the default: float32 results then match earlier runs
+    # bit for bit (the engine's differently shaped matmuls may round differently on near ties).
+    return "engine" if why is None and next(model.parameters()).device.type == "cuda" else "hf"
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the engine cannot drive `model` (None when it can): it needs a transformers causal LM
+    whose forward takes a cache object, 4D masks and `logits_to_keep` (SDPA or eager attention)."""
+    import inspect
+
+    from evomerge_core.engine.masks import SUPPORTED_ATTENTION
+
+    config = getattr(model, "config", None)
+    forward = getattr(model, "forward", None)
+    if config is None or forward is None or not hasattr(model, "get_output_embeddings"):
+        return f"{type(model).__name__} is not a transformers causal language model"
+    params = inspect.signature(forward).parameters
+    if "logits_to_keep" not in params or not ({"cache", "past_key_values"} & set(params)):
+        return f"{type(model).__name__}.forward takes no cache object or logits_to_keep"
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        return f"the model uses attention {impl!r} (the engine drives {list(SUPPORTED_ATTENTION)})"
+    if next(model.parameters(), None) is None:
+        return "the model has no parameters"
+    return None
 
 
 def engine_for(model: Any) -> GenerationEngine:
@@ -85,4 +108,4 @@ def engine_generate(model: Any, tokenizer: Any, prompts: Sequence[str], encoded:
 
 
 __all__ = ["BACKENDS", "GenerationBackend", "GenerationEngine", "choose_backend", "engine_for", "engine_generate",
-           "generation_backend"]
+           "generation_backend", "unsupported_reason"]
