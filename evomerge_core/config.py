@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge_core.errors import ConfigError, UsageError
 from evomerge_core.merge.recipe import ParamValue
 from evomerge_core.runners import TaskRunnerConfig
+from evomerge_core.budget.config import BudgetConfig
 from evomerge_core.spaces.dfs import DFSSpaceConfig
 
 DEFAULT_STORAGE = "file://./runs"
@@ -197,6 +198,16 @@ class FitnessConfig(_Strict):
     # Allow selecting on a known benchmark's evaluation split (refused by default; see
     # evomerge_core.contamination); the model card then says so.
     allow_benchmark_test_split: bool = False
+    # Fewer evaluations for the same result: racing, item subsets, length caps (docs/budget.md).
+    budget: BudgetConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_budget(self, handler: Any) -> Any:
+        # Configs without a budget dump (and hash) exactly as before it existed.
+        data = handler(self)
+        if isinstance(data, dict) and self.budget is None:
+            data.pop("budget", None)
+        return data
 
 
 class RuntimeConfig(_Strict):
@@ -473,6 +484,10 @@ def check_run_config(config: RunConfig) -> None:
     else:
         _check_ps_space(config, bases)
     _check_fitness(config.fitness)
+    if config.fitness.budget is not None and config.stages is None:
+        from evomerge_core.budget.checks import check_budget_space
+
+        check_budget_space(config)
     _check_vlm(config)
     _check_runtime_output(config)
     if not (config.storage.startswith(("file://", "s3://", "memory://")) or "://" not in config.storage):
@@ -583,6 +598,10 @@ def _check_fitness(fitness: FitnessConfig) -> None:
         raise ConfigError("fitness.selection is 'validation' but fitness.validation is not set; add a validation dataset or use selection: train")
     if fitness.minibatch is not None and fitness.dataset is None:
         raise ConfigError("fitness.minibatch needs fitness.dataset to draw from; add a dataset or remove minibatch")
+    if fitness.budget is not None:
+        from evomerge_core.budget.checks import check_budget
+
+        check_budget(fitness)
     from evomerge_core.contamination import check_fitness_contamination
 
     check_fitness_contamination(fitness)  # selecting on a benchmark's test split needs explicit consent

@@ -128,7 +128,10 @@ class CandidateEvaluator:
         return self.runner
 
     def fitness_for(self, split: str, generation: int) -> Fitness:
-        """The fitness of a split; for ``train`` with `fitness.minibatch`, the generation's minibatch."""
+        """The fitness of a split; for ``train`` with `fitness.minibatch`, the generation's minibatch
+        (``train_full``: every train item, the budget's final check)."""
+        if split == "train_full":
+            return self.fitness
         if split != "train":
             return self.split_fitness(split)
         found = self._batches.get(generation)
@@ -152,6 +155,8 @@ class CandidateEvaluator:
             "accuracy": None,
             "metrics": {},
             "n_items": len(fitness.rows),
+            "items_evaluated": len(fitness.rows),
+            "generated_tokens": 0,
             "seconds": None,
             "error": None,
         }
@@ -169,7 +174,8 @@ class CandidateEvaluator:
                     check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
                 scores = fitness.score(self.runner.model, self.runner.tokenizer, recipe=recipe, genome=list(genome),
                                        processor=getattr(self.runner, "processor", None))
-            record.update(fitness=scores["fitness"], accuracy=scores["accuracy"], metrics=scores["metrics"])
+            record.update(fitness=scores["fitness"], accuracy=scores["accuracy"], metrics=scores["metrics"],
+                          generated_tokens=scores["generated_tokens"])
         except Exception as exc:  # a failed candidate must not end the run
             if is_out_of_memory(exc):  # ... but a device out of memory must (see module docstring)
                 oom = out_of_memory_error(exc, generation=generation, index=index, split=split)
@@ -181,6 +187,39 @@ class CandidateEvaluator:
             raise oom
         record["seconds"] = round(time.perf_counter() - started, 4)
         return record
+
+    def evaluate_items(self, genome: Sequence[float] | None, items: Sequence[int], *, generation: int, index: int,
+                       max_new_tokens: Sequence[int] | None = None, recipe: Any = None) -> dict[str, Any]:
+        """Per-item values of one genome (or of `recipe`, e.g. a source alone) on the training
+        rows at `items` (`fitness.budget`: a racing round or a calibration pass):
+        ``{scores, tokens, values, recipe, error, seconds}``. A failed candidate gets the
+        scorer's worst value on every item and its error; running out of memory raises."""
+        started = time.perf_counter()
+        fitness = self.fitness.subset(items)
+        out: dict[str, Any] = {"generation": generation, "index": index, "items": list(items), "scores": None,
+                               "tokens": [0] * len(items), "values": None, "recipe": None, "error": None}
+        try:
+            if recipe is None:
+                out["values"] = self.space.describe(genome)
+                recipe = self.space.decode(genome)
+            out["recipe"] = recipe.to_yaml_dict()
+            with self.runner.lock:
+                self.runner.apply(recipe)
+                faults.candidate_merged(self.runner.model)
+                if not fitness.scorer.checks_logits:
+                    check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
+                scored = fitness.score_items(self.runner.model, self.runner.tokenizer, recipe=recipe,
+                                             genome=None if genome is None else list(genome),
+                                             processor=getattr(self.runner, "processor", None),
+                                             max_new_tokens=max_new_tokens)
+            out.update(scores=scored["scores"], tokens=scored["tokens"])
+        except Exception as exc:  # a failed candidate must not end the run (see module docstring)
+            if is_out_of_memory(exc):
+                _free_memory()
+                raise out_of_memory_error(exc, generation=generation, index=index, split="train") from None
+            out.update(scores=[fitness.worst] * len(items), error=f"{type(exc).__name__}: {exc}")
+        out["seconds"] = round(time.perf_counter() - started, 4)
+        return out
 
     def split_fitness(self, split: str) -> Fitness:
         """The fitness of ``validation`` or ``test`` (`fitness.validation` / `fitness.test`), loaded on first use."""

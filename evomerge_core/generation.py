@@ -91,9 +91,10 @@ def greedy_generate(
     tokenizer,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | Sequence[int] = 32,
     stop_strings: Sequence[str] = ("\n",),
     batch_size: int = 32,
+    stats: dict | None = None,
 ) -> list[str]:
     """Greedy-decode each prompt; return the generated continuations, cut at stop strings.
 
@@ -104,6 +105,11 @@ def greedy_generate(
     lookup on the device, longer ones by decoding the last few tokens of each row; a hit is
     confirmed on the row's whole text, so the outputs are exactly those of decoding every row
     to `max_new_tokens` and cutting at the first stop string.
+
+    `max_new_tokens` may also be one cap per prompt (a row stops at its own cap, exactly as if
+    decoded alone with that cap). With a `stats` dict, ``stats["row_tokens"]`` gets the tokens
+    each prompt generated (up to and including the one that ended it) and
+    ``stats["generated_tokens"]`` their sum.
     """
     pad_id = _ensure_pad(tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -116,6 +122,10 @@ def greedy_generate(
     lookback = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in longer), default=0) + 2
     encoded = _encode_prompts(tokenizer, prompts)
     outputs: list[str] = [""] * len(prompts)
+    caps = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(c) for c in max_new_tokens]
+    if len(caps) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(caps)} caps for {len(prompts)} prompts; give one per prompt")
+    row_tokens = [0] * len(prompts)
 
     def text_of(tokens: list[int]) -> str:
         return tokenizer.decode([t for t in tokens if t != pad_id and t != eos_id], skip_special_tokens=True)
@@ -129,12 +139,15 @@ def greedy_generate(
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        generated = torch.full((len(batch), max(1, max_new_tokens)), pad_id, dtype=torch.long, device=device)
+        batch_cap = max(caps[i] for i in batch)
+        row_caps = torch.tensor([caps[i] for i in batch], dtype=torch.long, device=device)
+        counts = torch.zeros(len(batch), dtype=torch.long, device=device)  # tokens each batch row generated
+        generated = torch.full((len(batch), max(1, batch_cap)), pad_id, dtype=torch.long, device=device)
         active = torch.arange(len(batch), device=device)  # batch rows still generating
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)  # only without row dropping
         cache = None
         step_ids, step_pos = input_ids, (attention.cumsum(-1) - 1).clamp(min=0)
-        for step in range(max_new_tokens):
+        for step in range(batch_cap):
             kwargs = {cache_arg: cache} if cache is not None else {}
             out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
                         **kwargs, **keep_last)
@@ -142,7 +155,9 @@ def greedy_generate(
             logits = out.logits[:, -1, :]
             next_tok = torch.where(finished, pad_id, logits.argmax(-1))
             generated[active, step] = next_tok
+            counts[active] += (~finished).long()
             done = finished | (next_tok == eos_id) if eos_id is not None else finished.clone()
+            done |= row_caps[active] <= step + 1  # a row at its own cap (per-prompt caps)
             if stops:
                 flagged = torch.zeros_like(done)
                 if chars:
@@ -170,7 +185,11 @@ def greedy_generate(
             step_ids = next_tok[:, None]
             step_pos = step_pos[:, -1:] + 1
         for row, i in enumerate(batch):
-            outputs[i] = truncate_at_stop(text_of(generated[row].tolist()), stop_strings)
+            outputs[i] = truncate_at_stop(text_of(generated[row, : caps[i]].tolist()), stop_strings)
+            row_tokens[i] = int(counts[row])
+    if stats is not None:
+        stats["row_tokens"] = row_tokens
+        stats["generated_tokens"] = sum(row_tokens)
     return outputs
 
 

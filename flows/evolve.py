@@ -31,6 +31,7 @@ from evomerge.tasks.evolve import (
     resolve_sources,
     write_result,
 )
+from evomerge.flows import budget
 from evomerge.flows.monitoring import RunMonitor
 from evomerge.flows.runners import candidate_runner, candidate_slots, map_candidates
 from evomerge_core import evolution
@@ -90,10 +91,19 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
               f"restored from checkpoints{damaged}", flush=True)
     counts = {"new": 0, "reused": 0}
     monitor = RunMonitor(cfg.effective_run_key(), total, done=state.next_generation)  # UI artifacts
+    budgeted = budget.uses_items(cfg)
+    if budgeted:  # fitness.budget: racing / subset / length caps (flows/budget.py)
+        from evomerge_core.fitness.evaluator import Fitness
+
+        budget_state = budget.initial_state(cfg, state.generations, len(Fitness(cfg.fitness, split="train").rows))
     for generation in range(state.next_generation, total):
         started = time.perf_counter()
         genomes = optimizer.ask()
-        records = _evaluate(cfg, config, sources, genomes, generation, run, counts)
+        if budgeted:
+            records = budget.evaluate_generation(cfg, config, sources, genomes, generation, run, budget_state,
+                                                 optimizer.popsize, counts)
+        else:
+            records = _evaluate(cfg, config, sources, genomes, generation, run, counts)
         optimizer.tell(genomes, [r["fitness"] for r in records])
         history.extend(records)
         validation = None
@@ -105,11 +115,15 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
         summary = evolution.summarise_generation(generation, records, time.perf_counter() - started, validation)
         summaries.append(summary)
         run.lease.renew()
-        checkpoint(config, generation, records, optimizer.state_dict(), summary, best.record, len(history))
+        checkpoint(config, generation, records, optimizer.state_dict(), summary, best.record, len(history),
+                   {"budget": budget_state.to_dict()} if budgeted else None)
         print(evolution.progress_line(summary, total, best.record["fitness"] if best.record else None), flush=True)
         monitor.generation(records, summaries, best.record)
     first_error = next((r["error"] for r in history if r.get("error")), None)
     top = best.require(len(history), first_error)
+    checks: list[dict[str, Any]] = []
+    if cfg.fitness.budget is not None:  # the best is chosen on the full train split
+        top, checks = budget.final_check(cfg, config, sources, history, counts)
     test = None
     if cfg.fitness.test is not None:
         test = evaluate_test(config, sources["paths"], top["genome"], top["generation"], top["index"])
@@ -117,6 +131,10 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
     if cfg.output.materialise_best:
         best_url = materialise_best(config, sources["paths"], sources["num_layers"], top["genome"])
     result = evolution.build_result(cfg, space, top, history, summaries, test, best_url)
+    if cfg.fitness.budget is not None:
+        extra = [budget_state.sources] if budgeted and budget_state.sources else []
+        result.update(budget.result_section(budget_state if budgeted else None, checks),
+                      cost=evolution.run_cost(history, extra + checks))
     url = write_result(config, result)
     monitor.finished(store.url("report/fitness.png") if cfg.output.report else None)
     print(f"evaluations: {counts['new']} new, {counts['reused']} reused from the run store, "

@@ -58,12 +58,68 @@ def _evaluate_and_store(cfg: RunConfig, paths: dict[str, str], genome: list[floa
     return record
 
 
+@task(name="evaluate_round", task_run_name="eval-g{generation}-r{round}-c{span}", cache_policy=NO_CACHE)
+def evaluate_round(config: dict[str, Any], paths: dict[str, str], genomes: list[list[float]], generation: int,
+                   indices: list[int], keys: list[str | None], round: int, items: list[int], caps: list[int] | None,
+                   span: str) -> list[dict[str, Any]]:
+    """One racing round (`fitness.budget`): candidates' per-item values on `items`, each stored
+    in the run store when done (a resume reuses it)."""
+    cfg = _config(config)
+    out = []
+    for genome, index, key in zip(genomes, indices, keys, strict=True):
+        stored = _stored(cfg, key)
+        if stored is None:
+            stored = get_evaluator(cfg, paths).evaluate_items(genome, items, generation=generation, index=index,
+                                                              max_new_tokens=caps)
+            if key is not None:
+                resume.store_candidate(cfg, key, stored)
+        out.append({**stored, "generation": generation, "index": index})
+    return out
+
+
+@task(name="evaluate_source", task_run_name="calibrate-{source}", cache_policy=NO_CACHE)
+def evaluate_source(config: dict[str, Any], paths: dict[str, str], source: str, index: int, key: str | None,
+                    items: list[int]) -> dict[str, Any]:
+    """A source model alone on `items` (`fitness.budget.subset.include_sources`: calibration)."""
+    from evomerge_core.merge.recipe import MergeRecipe, ModelEntry
+
+    cfg = _config(config)
+    stored = _stored(cfg, key)
+    if stored is None:
+        recipe = MergeRecipe(merge_method="linear", models=[ModelEntry(model=source, parameters={"weight": 1.0})])
+        stored = get_evaluator(cfg, paths).evaluate_items(None, items, generation=0, index=index, recipe=recipe)
+        if key is not None:
+            resume.store_candidate(cfg, key, stored)
+    return stored
+
+
+@task(name="evaluate_full_train", task_run_name="full-train-g{generation}-c{index}", cache_policy=NO_CACHE)
+def evaluate_full_train(config: dict[str, Any], paths: dict[str, str], genome: list[float], generation: int, index: int,
+                        key: str | None) -> dict[str, Any]:
+    """A top candidate on the whole train split (`fitness.budget.final_candidates`)."""
+    cfg = _config(config)
+    stored = _stored(cfg, key)
+    if stored is None:
+        stored = get_evaluator(cfg, paths).evaluate(genome, generation=generation, index=index, split="train_full")
+        if key is not None:
+            resume.store_candidate(cfg, key, stored)
+    return stored
+
+
+def _stored(cfg: RunConfig, key: str | None) -> dict[str, Any] | None:
+    if key is None:
+        return None
+    store = resume.store_for(cfg)
+    return resume.with_retries(lambda: store.get_candidate(key), "read a stored candidate")
+
+
 @task(name="checkpoint", task_run_name="checkpoint-g{generation}", cache_policy=NO_CACHE)
 def checkpoint(config: dict[str, Any], generation: int, records: list[dict[str, Any]], optimizer_state: dict[str, Any],
-               summary: dict[str, Any], best: dict[str, Any] | None, evaluations: int) -> None:
-    """Write the generation record and `latest.json` to the run store."""
+               summary: dict[str, Any], best: dict[str, Any] | None, evaluations: int,
+               extra: dict[str, Any] | None = None) -> None:
+    """Write the generation record (with `extra` entries) and `latest.json` to the run store."""
     store = evolution.open_store(_config(config))
-    evolution.checkpoint(store, generation, records, optimizer_state, summary, best, evaluations)
+    evolution.checkpoint(store, generation, records, optimizer_state, summary, best, evaluations, extra)
 
 
 @task(name="evaluate_test", cache_policy=NO_CACHE)

@@ -111,4 +111,34 @@ class Fitness:
                 accuracy = fitness
             elif self.accuracy is not None:
                 accuracy = self.accuracy(ctx.with_options(self.config.accuracy_options))["fitness"]
-        return {"fitness": fitness, "accuracy": accuracy, "metrics": result, "n_items": len(self.rows)}
+        return {"fitness": fitness, "accuracy": accuracy, "metrics": result, "n_items": len(self.rows),
+                "generated_tokens": generated_tokens(ctx)}
+
+    def score_items(self, model: Any, tokenizer: Any, *, recipe: Any = None, genome: Sequence[float] | None = None,
+                    processor: Any = None, max_new_tokens: Sequence[int] | None = None) -> dict[str, Any]:
+        """Per-row values of the fitness scorer (their mean is the fitness) and the tokens each
+        row cost: ``{scores, tokens}`` (`fitness.budget`; `max_new_tokens`: a cap per row)."""
+        per_item = self.scorer.per_item
+        if per_item is None:
+            raise ValueError(f"scorer {self.scorer.name!r} gives no per-item values (fitness.budget needs them)")
+        ctx = self.context(model, tokenizer, recipe=recipe, genome=genome, processor=processor)
+        if max_new_tokens is not None:
+            ctx.max_new_tokens = list(max_new_tokens)
+        scores = [float(v) for v in per_item(ctx)]
+        bad = [v for v in scores if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"scorer {self.scorer.name!r} returned a non-finite per-item value ({bad[0]})")
+        return {"scores": scores, "tokens": row_tokens(ctx)}
+
+
+def row_tokens(ctx: ScoreContext) -> list[int]:
+    """Tokens each row cost: generated (decoded) tokens plus answer tokens scored by teacher
+    forcing (the log-likelihood scorer), zero for a scorer that did neither."""
+    gen = ctx.cache.get("row_tokens") or [0] * len(ctx.rows)
+    scored = ctx.cache.get("scored_tokens") or [0] * len(ctx.rows)
+    return [int(a) + int(b) for a, b in zip(gen, scored)]
+
+
+def generated_tokens(ctx: ScoreContext) -> int:
+    """All tokens one scoring cost (see `row_tokens`)."""
+    return sum(row_tokens(ctx))

@@ -8,7 +8,9 @@ A scorer is a callable ``fn(ctx: ScoreContext) -> float | Mapping`` (a mapping h
 set: ``worst_fitness`` (recorded for failed candidates), ``is_accuracy`` (its value is an
 accuracy), ``needs_dataset`` (False for scorers that bring their own data, e.g. lm-eval),
 ``checks_logits`` (it raises on NaN/inf logits itself, so the evaluator skips its own check
-pass), ``check_options(options)`` (validate options before any model is loaded).
+pass), ``check_options(options)`` (validate options before any model is loaded),
+``per_item(ctx) -> list[float]`` (one value per row whose mean is the fitness: what
+`fitness.budget` needs to race candidates and pick item subsets).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ScoreContext:
     options: Mapping[str, Any] = field(default_factory=dict)
     recipe: Any = None
     genome: Sequence[float] | None = None
-    max_new_tokens: int = 64
+    max_new_tokens: int | Sequence[int] = 64  # or one cap per prompt (fitness.budget.length_caps)
     stop_strings: Sequence[str] = ()
     batch_size: int = 16
     # The VLM's processor (image processor + tokenizer) for image scorers; None for LLMs.
@@ -64,6 +66,7 @@ class ScoreContext:
         if "outputs" not in self.cache:
             from evomerge_core.generation import greedy_generate
 
+            stats: dict[str, Any] = {}
             self.cache["outputs"] = greedy_generate(
                 self.model,
                 self.tokenizer,
@@ -71,7 +74,9 @@ class ScoreContext:
                 max_new_tokens=self.max_new_tokens,
                 stop_strings=tuple(self.stop_strings),
                 batch_size=self.batch_size,
+                stats=stats,
             )
+            self.cache["row_tokens"] = stats["row_tokens"]  # the cost records count (tokens per row)
         return self.cache["outputs"]
 
     @property
@@ -105,6 +110,11 @@ class Scorer:
     def checks_logits(self) -> bool:
         """True when the scorer raises on NaN/inf logits itself (no separate check pass needed)."""
         return bool(getattr(self.fn, "checks_logits", False))
+
+    @property
+    def per_item(self) -> Callable[[ScoreContext], list[float]] | None:
+        """The scorer's per-row values (their mean is the fitness), or None when it has none."""
+        return getattr(self.fn, "per_item", None)
 
     @property
     def needs_dataset(self) -> bool:

@@ -43,13 +43,17 @@ def math_accuracy(ctx: ScoreContext) -> float:
 
     Options: ``target_script`` (latin | japanese | fullwidth), ``script_min_fraction`` (0.5).
     """
-    outputs = ctx.outputs
-    correct = [math_correct(o, a, ctx.options) for o, a in zip(outputs, ctx.answers)]
+    correct = _math_items(ctx)
     return sum(correct) / len(correct) if correct else 0.0
+
+
+def _math_items(ctx: ScoreContext) -> list[float]:
+    return [float(math_correct(o, a, ctx.options)) for o, a in zip(ctx.outputs, ctx.answers)]
 
 
 math_accuracy.worst_fitness = 0.0  # type: ignore[attr-defined]
 math_accuracy.is_accuracy = True  # type: ignore[attr-defined]
+math_accuracy.per_item = _math_items  # type: ignore[attr-defined]
 math_accuracy.check_options = lambda o: check_script_options(o, {"target_script", "script_min_fraction"}, "math_accuracy")  # type: ignore[attr-defined]
 
 
@@ -63,16 +67,19 @@ def exact_match(ctx: ScoreContext) -> float:
 
     Options: ``ignore_case`` (false), ``target_script``, ``script_min_fraction``.
     """
-    ignore_case = bool(ctx.options.get("ignore_case", False))
-    correct = [
-        _normalise(o, ignore_case) == _normalise(str(a), ignore_case) and _script_ok(o, ctx.options)
-        for o, a in zip(ctx.outputs, ctx.answers)
-    ]
+    correct = _exact_items(ctx)
     return sum(correct) / len(correct) if correct else 0.0
+
+
+def _exact_items(ctx: ScoreContext) -> list[float]:
+    ignore_case = bool(ctx.options.get("ignore_case", False))
+    return [float(_normalise(o, ignore_case) == _normalise(str(a), ignore_case) and _script_ok(o, ctx.options))
+            for o, a in zip(ctx.outputs, ctx.answers)]
 
 
 exact_match.worst_fitness = 0.0  # type: ignore[attr-defined]
 exact_match.is_accuracy = True  # type: ignore[attr-defined]
+exact_match.per_item = _exact_items  # type: ignore[attr-defined]
 exact_match.check_options = lambda o: check_script_options(o, {"ignore_case", "target_script", "script_min_fraction"}, "exact_match")  # type: ignore[attr-defined]
 
 
@@ -80,12 +87,20 @@ def answer_logprob(ctx: ScoreContext) -> float:
     """Mean over items of the mean per-token log-probability of the reference answer under
     teacher forcing. Option ``answer_template`` (default ``"{answer}"``) formats the answer
     (e.g. ``" {answer}"`` when the prompt does not end in a space)."""
+    values = _logprob_items(ctx)
+    return sum(values) / len(values) if values else DEFAULT_LOGPROB_WORST
+
+
+def _logprob_items(ctx: ScoreContext) -> list[float]:
+    """Per-row mean answer log-probabilities; the answer tokens scored go to ``ctx.cache``
+    (``scored_tokens``: one forward position each, the cost records count them)."""
     from evomerge_core.generation import answer_logprobs
 
     template = str(ctx.options.get("answer_template", "{answer}"))
     answers = [template.format(**row) for row in ctx.rows]
     values = answer_logprobs(ctx.model, ctx.tokenizer, list(ctx.prompts), answers, batch_size=ctx.batch_size)
-    return sum(values) / len(values) if values else DEFAULT_LOGPROB_WORST
+    ctx.cache["scored_tokens"] = [len(ctx.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    return values
 
 
 DEFAULT_LOGPROB_WORST = -1e4  # far below any real mean token log-prob (log(1/vocab) ~ -12)
@@ -99,4 +114,5 @@ def _check_logprob(options: Mapping[str, Any]) -> None:
 
 answer_logprob.worst_fitness = DEFAULT_LOGPROB_WORST  # type: ignore[attr-defined]
 answer_logprob.checks_logits = True  # type: ignore[attr-defined]  # answer_logprobs raises on NaN/inf
+answer_logprob.per_item = _logprob_items  # type: ignore[attr-defined]
 answer_logprob.check_options = _check_logprob  # type: ignore[attr-defined]

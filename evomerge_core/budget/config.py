@@ -1,0 +1,68 @@
+"""The ``fitness.budget`` section of a run config (validated at load; off when absent)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RacingConfig(_Strict):
+    """Racing inside a generation: rounds of `slice` items over the surviving candidates; a
+    candidate stops once at least mu (CMA-ES's parents) others beat it with `confidence`."""
+
+    slice: int = Field(default=10, ge=1)  # items per round
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)  # one-sided, per paired comparison
+    min_items: int = Field(default=10, ge=2)  # no candidate stops before it saw this many items
+
+
+class SubsetConfig(_Strict):
+    """An informative item subset, chosen once after the calibration generations."""
+
+    size: int = Field(ge=1)  # items evaluated per candidate (before racing stops some)
+    method: Literal["irt", "random"] = "irt"  # irt: most informative items; random: a seeded draw
+    include_sources: bool = True  # score each source model alone on the full train split too
+
+
+class LengthCapsConfig(_Strict):
+    """Per-item `max_new_tokens` from what the calibration models needed."""
+
+    margin: float = Field(default=1.5, ge=1.0)  # cap = ceil(margin * most tokens needed) + extra
+    extra: int = Field(default=2, ge=0)
+    # Stop a row at the end of its answer line (the scorer's answer is then decided): only
+    # where the answer format is one line (e.g. "... = 42" then newline).
+    answer_line: bool = False
+
+
+class BudgetConfig(_Strict):
+    """`fitness.budget`: what saves evaluations (every part is optional)."""
+
+    racing: RacingConfig | None = None
+    subset: SubsetConfig | None = None
+    length_caps: LengthCapsConfig | None = None
+    # Generations scored on the full train split (no racing) to fit the subset / the caps.
+    calibration_generations: int = Field(default=1, ge=1)
+    # The run's best: this many top candidates (by their budgeted fitness) are scored on the
+    # full train split at the end, and the best of those is chosen.
+    final_candidates: int = Field(default=3, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _true_means_defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = dict(value)
+            for key in ("racing", "length_caps"):
+                if value.get(key) is True:
+                    value[key] = {}
+                elif value.get(key) is False:
+                    value[key] = None
+        return value
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the first generations are calibration generations (subset or caps set)."""
+        return self.subset is not None or self.length_caps is not None

@@ -1,0 +1,131 @@
+"""The evolve flow's budgeted evaluation (`fitness.budget`, docs/budget.md): racing rounds
+mapped over the surviving candidates, calibration of the item subset and the length caps,
+and the final check of the top candidates on the whole train split. Decisions are in
+`evomerge_core.budget`; every round result is stored in the run store as soon as it is done,
+so a resumed run reuses it and races to the same decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import unmapped
+
+from evomerge.flows.runners import candidate_slots, map_candidates
+from evomerge.tasks.evolve import evaluate_full_train, evaluate_round, evaluate_source
+from evomerge_core.budget import plan
+from evomerge_core.budget.racing import run_race
+from evomerge_core.config import RunConfig
+from evomerge_core.resume import Run, evaluation_config
+from evomerge_core.runstore import candidate_key
+
+
+def uses_items(cfg: RunConfig) -> bool:
+    """Whether the budget changes how a generation is evaluated (racing, subset or caps)."""
+    b = cfg.fitness.budget
+    return b is not None and (b.racing is not None or b.subset is not None or b.length_caps is not None)
+
+
+def initial_state(cfg: RunConfig, generations: list[dict[str, Any]], n_items: int) -> plan.BudgetState:
+    """The budget state of the last checkpointed generation, or a fresh one."""
+    saved = generations[-1].get("budget") if generations else None
+    return plan.BudgetState.from_dict(saved) if saved else plan.BudgetState(n_items=n_items)
+
+
+def _key(cfg: RunConfig, revisions: dict[str, str], genome: list[float], what: dict[str, Any]) -> str:
+    return candidate_key(genome, revisions, {**evaluation_config(cfg), "budget_stage": what})
+
+
+def calibrate_sources(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], state: plan.BudgetState,
+                      counts: dict[str, int]) -> None:
+    """Score each source alone on every train item and add the results to the calibration."""
+    refs = [s.model for s in cfg.sources]
+    items = list(range(state.n_items))
+    keys = [_key(cfg, sources["revisions"], [], {"source": ref}) for ref in refs]
+    futures = map_candidates(evaluate_source, unmapped(config), unmapped(sources["paths"]), refs,
+                             index=[-1 - i for i in range(len(refs))], key=keys, items=unmapped(items))
+    results = [f.result() for f in futures]
+    fitness = {}
+    for ref, res in zip(refs, results):
+        if res.get("error"):
+            raise RuntimeError(f"source {ref} could not be scored for the budget's calibration: {res['error']}")
+        state.calibration.append(res["scores"])
+        state.needed.append(res["tokens"])
+        fitness[ref] = sum(res["scores"]) / len(res["scores"])
+    state.sources = {"items_evaluated": len(items) * len(refs),
+                     "generated_tokens": sum(sum(r["tokens"]) for r in results), "fitness": fitness}
+    counts["new"] += len(refs)
+
+
+def evaluate_generation(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], genomes: list[list[float]],
+                        generation: int, run: Run, state: plan.BudgetState, popsize: int,
+                        counts: dict[str, int]) -> list[dict[str, Any]]:
+    """One budgeted generation's records (racing rounds mapped over the surviving candidates)."""
+    budget = cfg.fitness.budget
+    if generation == 0 and budget.subset is not None and budget.subset.include_sources and not state.sources:
+        calibrate_sources(cfg, config, sources, state, counts)
+    items = plan.generation_items(budget, state, generation, cfg.optimizer.seed)
+    rounds = plan.rounds_of(budget, generation, items)
+    runner = cfg.runtime.task_runner
+
+    def evaluate(alive: list[int], r: int) -> dict[int, dict[str, Any]]:
+        keys = [_key(cfg, sources["revisions"], genomes[i], {"items": rounds[r]}) for i in alive]
+        cached = run.cached(keys)
+        counts["reused"] += sum(c is not None for c in cached)
+        counts["new"] += sum(c is None for c in cached)
+        batches = [[alive[j] for j in b] for b in runner.batches(len(alive), candidate_slots())]
+        by_index = dict(zip(alive, keys))
+        futures = map_candidates(evaluate_round, unmapped(config), unmapped(sources["paths"]),
+                                 [[genomes[i] for i in b] for b in batches], generation=unmapped(generation),
+                                 indices=batches, keys=[[by_index[i] for i in b] for b in batches], round=unmapped(r),
+                                 items=unmapped(rounds[r]), caps=unmapped(plan.caps_for(state, rounds[r])),
+                                 span=[f"{b[0]}-{b[-1]}" if len(b) > 1 else str(b[0]) for b in batches])
+        out = {}
+        for batch, future in zip(batches, futures):
+            for i, res in zip(batch, future.result(), strict=True):
+                out[i] = res
+        return out
+
+    racing = None if plan.is_calibration(budget, generation) else budget.racing
+    results, stopped = run_race(list(range(len(genomes))), rounds, evaluate, popsize // 2, racing)
+    base = [{"generation": generation, "index": i, "genome": [float(x) for x in g], "accuracy": None, "metrics": {}}
+            for i, g in enumerate(genomes)]
+    from evomerge_core.fitness.registry import get_scorer
+
+    worst = cfg.fitness.failure_fitness if cfg.fitness.failure_fitness is not None else get_scorer(cfg.fitness.scorer).worst
+    records = plan.finish_generation(budget, state, generation, base, results, stopped, float(worst))
+    if plan.is_calibration(budget, generation) and generation == budget.calibration_generations - 1:
+        plan.calibrate(budget, state, seed=cfg.optimizer.seed, max_new_tokens=cfg.fitness.max_new_tokens)
+    return records
+
+
+def final_check(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], history: list[dict[str, Any]],
+                counts: dict[str, int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score the top `final_candidates` (by budgeted fitness; stopped and failed ones are not
+    eligible) on the whole train split; the best of them is the run's best."""
+    eligible = [r for r in history if r.get("error") is None and r.get("raced_out") is None
+                and r.get("fitness") is not None]
+    top = sorted(eligible, key=lambda r: (-r["fitness"], r["generation"], r["index"]))[: cfg.fitness.budget.final_candidates]
+    if not top:
+        raise RuntimeError("no candidate can be checked on the full train split: every candidate failed")
+    keys = [_key(cfg, sources["revisions"], r["genome"], {"final": True}) for r in top]
+    futures = map_candidates(evaluate_full_train, unmapped(config), unmapped(sources["paths"]), [r["genome"] for r in top],
+                             generation=[r["generation"] for r in top], index=[r["index"] for r in top], key=keys)
+    checks = [f.result() for f in futures]
+    counts["new"] += len(checks)
+    rows = [{"generation": r["generation"], "index": r["index"], "budgeted_fitness": r["fitness"],
+             "fitness": c["fitness"], "error": c.get("error"), "items_evaluated": c.get("items_evaluated", 0),
+             "generated_tokens": c.get("generated_tokens", 0)} for r, c in zip(top, checks)]
+    ok = [(r, c) for r, c in zip(top, checks) if c.get("error") is None]
+    if not ok:
+        raise RuntimeError(f"every top candidate failed on the full train split; first error: {checks[0].get('error')}")
+    best, check = max(ok, key=lambda rc: rc[1]["fitness"])  # first wins ties
+    chosen = {**best, "fitness": check["fitness"], "accuracy": check.get("accuracy"), "budgeted_fitness": best["fitness"]}
+    return chosen, rows
+
+
+def result_section(state: plan.BudgetState | None, checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `result.json` says about the budget: the final check, the subset, the sources' calibration."""
+    section: dict[str, Any] = {"final_check": checks}
+    if state is not None:
+        section.update(subset=state.subset, caps=state.caps, calibration_sources=state.sources or None)
+    return {"budget": section}

@@ -1,0 +1,129 @@
+"""`fitness.budget` in the evolve flow: racing rounds, the calibrated item subset and length
+caps, costs in records and result.json, and a budgeted run killed mid-generation resumes to
+the same history."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from evomerge_core import faults
+from evomerge_core.evaluate import clear_evaluators
+from evomerge_core.faults import InjectedFault
+
+pytestmark = pytest.mark.timeout(300)
+COLUMNS = {"prompt": "question", "answer": "target"}
+KEYS = ("generation", "index", "genome", "fitness", "estimate", "raced_out", "items_evaluated", "generated_tokens")
+
+
+@pytest.fixture(scope="module")
+def budget_data(tmp_path_factory):
+    """24 train items (racing needs more than the shared 4-item file)."""
+    path = tmp_path_factory.mktemp("budget-data") / "train.jsonl"
+    rows = [{"question": f"what is {i} plus {i % 3}? ", "target": str(i + i % 3)} for i in range(24)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _config(family, data, storage, run_key: str, budget: dict, scorer: str = "logprob") -> dict:
+    return {
+        "run_key": run_key,
+        "storage": f"file://{storage}",
+        "sources": [{"model": str(family["base"]), "base": True}, {"model": str(family["ft1"])},
+                    {"model": str(family["ft2"])}],
+        "space": {"ps": {"method": "dare_ties", "params": ["density", "weight"]}},
+        "optimizer": {"popsize": 6, "seed": 5, "generations": 3, "sigma0": 0.3},
+        "fitness": {"dataset": {"path": str(data), "columns": COLUMNS}, "scorer": scorer,
+                    "accuracy_scorer": "none", "batch_size": 8, "max_new_tokens": 6, "stop_strings": ["?"],
+                    "budget": budget},
+        "output": {"report": False, "materialise_best": False},
+    }
+
+
+BUDGET = {"racing": {"slice": 4, "min_items": 4, "confidence": 0.9}, "subset": {"size": 12}, "final_candidates": 2}
+
+
+def _strip(history):
+    return [{k: h.get(k) for k in KEYS} for h in history]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_family, budget_data, tmp_path_factory):
+    from evomerge.flows.evolve import evolve
+
+    clear_evaluators()
+    return evolve(_config(tiny_family, budget_data, tmp_path_factory.mktemp("ref"), "budget", BUDGET))
+
+
+def test_budgeted_run_races_on_the_subset_and_records_its_cost(reference):
+    history = reference["history"]
+    gen0 = [h for h in history if h["generation"] == 0]
+    later = [h for h in history if h["generation"] > 0]
+    assert all(h["items_evaluated"] == 24 for h in gen0)  # calibration: every item
+    assert all(h["items_evaluated"] <= 12 and h["items_evaluated"] % 4 == 0 for h in later)
+    subset = reference["budget"]["subset"]
+    assert len(subset) == 12 and len(set(subset)) == 12
+    assert any(h["raced_out"] is not None for h in later), "racing stopped no candidate"
+    for g in (1, 2):  # stopped candidates rank below every survivor of their generation
+        gen = [h for h in later if h["generation"] == g]
+        out = [h["fitness"] for h in gen if h["raced_out"] is not None]
+        kept = [h["fitness"] for h in gen if h["raced_out"] is None]
+        assert len(kept) >= 3 and (not out or max(out) < min(kept))
+    sources = reference["budget"]["calibration_sources"]
+    assert sources["items_evaluated"] == 3 * 24 and sources["generated_tokens"] > 0
+    checks = reference["budget"]["final_check"]
+    assert len(checks) == 2 and all(c["items_evaluated"] == 24 for c in checks)
+    assert reference["best_fitness"] == max(c["fitness"] for c in checks)
+    cost = reference["cost"]
+    assert cost["items_evaluated"] == sum(h["items_evaluated"] for h in history) + 3 * 24 + 2 * 24
+    assert cost["generated_tokens"] == (sum(h["generated_tokens"] for h in history) + sources["generated_tokens"]
+                                        + sum(c["generated_tokens"] for c in checks))
+
+
+def test_budgeted_run_killed_mid_generation_resumes_to_the_same_history(reference, tiny_family, budget_data,
+                                                                        tmp_path, monkeypatch, capsys):
+    from evomerge.flows.evolve import evolve
+
+    # 3 sources + 6 calibration candidates, then generation 1's racing rounds: the 12th stored
+    # evaluation is in the middle of generation 1
+    monkeypatch.setenv("EVOMERGE_FAULT", "fail_after_candidates:12")
+    faults.reset_counts()
+    clear_evaluators()
+    cfg = _config(tiny_family, budget_data, tmp_path, "budget", BUDGET)
+    with pytest.raises(Exception) as failed:
+        evolve(cfg)
+    assert isinstance(failed.value, InjectedFault) or "injected failure" in str(failed.value)
+    assert not (tmp_path / "budget" / "result.json").exists()
+    latest = json.loads((tmp_path / "budget" / "latest.json").read_text())
+    assert latest["payload"]["generation"] == 0 if "payload" in latest else latest["generation"] == 0
+
+    monkeypatch.delenv("EVOMERGE_FAULT")
+    faults.reset_counts()
+    clear_evaluators()
+    capsys.readouterr()
+    resumed = evolve(cfg)
+    out = capsys.readouterr().out
+    reused = int(re.search(r"evaluations: \d+ new, (\d+) reused from the run store", out).group(1))
+    assert reused >= 2  # generation 1's stored round results were reused, not redone
+    assert _strip(resumed["history"]) == _strip(reference["history"])
+    assert resumed["budget"]["subset"] == reference["budget"]["subset"]
+    assert resumed["best_fitness"] == reference["best_fitness"] and resumed["cost"] == reference["cost"]
+
+
+def test_length_caps_cut_generated_tokens(tiny_family, budget_data, tmp_path):
+    from evomerge.flows.evolve import evolve
+
+    clear_evaluators()
+    free = evolve(_config(tiny_family, budget_data, tmp_path, "free", {"racing": {"slice": 8, "min_items": 8}},
+                          scorer="exact_match"))
+    clear_evaluators()
+    capped = evolve(_config(tiny_family, budget_data, tmp_path, "capped",
+                            {"racing": {"slice": 8, "min_items": 8}, "length_caps": {"margin": 1.0, "extra": 0}},
+                            scorer="exact_match"))
+    caps = capped["budget"]["caps"]
+    assert len(caps) == 24 and all(1 <= c <= 6 for c in caps)
+    per_item = [h["generated_tokens"] / h["items_evaluated"] for h in capped["history"] if h["generation"] > 0]
+    assert all(t <= max(caps) for t in per_item)
+    assert free["cost"]["items_evaluated"] > 0 and free["cost"]["generated_tokens"] > 0
