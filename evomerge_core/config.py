@@ -219,6 +219,9 @@ class RuntimeConfig(_Strict):
     # Where candidates run (Prefect's default runner or Dask workers); never changes results,
     # so it is left out of the config hash and candidate keys (evomerge_core.runners).
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
+    # Greedy generation for scoring: "engine" (evomerge_core.engine, continuous batching), "hf"
+    # (the reference loop) or "auto" (engine on CUDA, reference loop elsewhere); same outputs.
+    generation: Literal["auto", "engine", "hf"] = "auto"
 
     @model_validator(mode="after")
     def _runner_fits_device(self) -> RuntimeConfig:
@@ -234,6 +237,8 @@ class RuntimeConfig(_Strict):
         data = handler(self)
         if isinstance(data, dict) and self.task_runner.is_unset:
             data.pop("task_runner", None)
+        if isinstance(data, dict) and self.generation == "auto":
+            data.pop("generation", None)
         return data
 
 

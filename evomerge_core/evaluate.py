@@ -26,6 +26,7 @@ import torch
 
 from evomerge_core import faults
 from evomerge_core.config import RunConfig
+from evomerge_core.engine import generation_backend
 from evomerge_core.errors import EvomergeError
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.io import read_config
@@ -167,7 +168,7 @@ class CandidateEvaluator:
             record["values"] = self.space.describe(genome)
             recipe = self.space.decode(genome)
             record["recipe"] = recipe.to_yaml_dict()
-            with self.runner.lock:
+            with self.runner.lock, generation_backend(self.config.runtime.generation):
                 self.runner.apply(recipe)
                 faults.candidate_merged(self.runner.model)
                 if not fitness.scorer.checks_logits:  # else the scorer's own forward passes check
@@ -203,7 +204,7 @@ class CandidateEvaluator:
                 out["values"] = self.space.describe(genome)
                 recipe = self.space.decode(genome)
             out["recipe"] = recipe.to_yaml_dict()
-            with self.runner.lock:
+            with self.runner.lock, generation_backend(self.config.runtime.generation):
                 self.runner.apply(recipe)
                 faults.candidate_merged(self.runner.model)
                 if not fitness.scorer.checks_logits:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from evomerge_core.engine import choose_backend
+
 
 def _ensure_pad(tokenizer) -> int:
     if tokenizer.pad_token_id is None:
@@ -85,6 +87,19 @@ def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
+def _engine_outputs(model, tokenizer, prompts, encoded, caps, stops, batch_size, pad_id, eos_id, stats) -> list[str]:
+    """`greedy_generate` on the generation engine (`batch_size` = its number of slots)."""
+    from evomerge_core.engine import engine_generate
+
+    tokens, _ = engine_generate(model, tokenizer, prompts, encoded, caps=caps, stop_strings=stops,
+                                batch_size=batch_size, pad_id=pad_id, eos_id=eos_id)
+    if stats is not None:
+        stats["row_tokens"] = [len(t) for t in tokens]
+        stats["generated_tokens"] = sum(stats["row_tokens"])
+    return [truncate_at_stop(tokenizer.decode([t for t in ids if t != pad_id and t != eos_id], skip_special_tokens=True),
+                             stops) for ids in tokens]
+
+
 @torch.inference_mode()
 def greedy_generate(
     model,
@@ -95,6 +110,7 @@ def greedy_generate(
     stop_strings: Sequence[str] = ("\n",),
     batch_size: int = 32,
     stats: dict | None = None,
+    backend: str | None = None,
 ) -> list[str]:
     """Greedy-decode each prompt; return the generated continuations, cut at stop strings.
 
@@ -110,6 +126,10 @@ def greedy_generate(
     decoded alone with that cap). With a `stats` dict, ``stats["row_tokens"]`` gets the tokens
     each prompt generated (up to and including the one that ended it) and
     ``stats["generated_tokens"]`` their sum.
+
+    `backend`: ``engine`` (`evomerge_core.engine`: continuous batching, same outputs), ``hf``
+    (this loop) or ``auto`` (engine on CUDA); None takes the surrounding
+    `evomerge_core.engine.generation_backend` (the evaluator sets it from ``runtime.generation``).
     """
     pad_id = _ensure_pad(tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -126,6 +146,8 @@ def greedy_generate(
     if len(caps) != len(prompts):
         raise ValueError(f"max_new_tokens has {len(caps)} caps for {len(prompts)} prompts; give one per prompt")
     row_tokens = [0] * len(prompts)
+    if choose_backend(backend, model) == "engine":
+        return _engine_outputs(model, tokenizer, prompts, encoded, caps, stops, batch_size, pad_id, eos_id, stats)
 
     def text_of(tokens: list[int]) -> str:
         return tokenizer.decode([t for t in tokens if t != pad_id and t != eos_id], skip_special_tokens=True)
