@@ -48,6 +48,15 @@ def num_hidden_layers(config: dict[str, Any]) -> int:
     )
 
 
+def is_vision_tensor(tensor_name: str) -> bool:
+    """True for a VLM's vision tower / projector tensors (`vision_tower.`, `vision_model.`,
+    `visual.`, `multi_modal_projector.` at any depth): their layers are not decoder layers."""
+    return _VISION_RE.search(tensor_name) is not None
+
+
+_VISION_RE = re.compile(r"(?:^|\.)(?:vision_tower|vision_model|visual|multi_modal_projector)\.")
+
+
 def is_vocab_tensor(tensor_name: str) -> bool:
     """True for tensors whose first axis indexes the vocabulary (embeddings, LM head)."""
     return tensor_name.endswith(VOCAB_TENSOR_SUFFIXES)

@@ -159,10 +159,52 @@ def _run_facts(inputs: CardInputs) -> dict[str, Any] | None:
     }
 
 
+def public_names(sources: list[Any]) -> dict[str, str]:
+    """`{ref: name}` for the sources whose reference is a local path (`SourceModel`s): the card
+    and the pushed recipe name them by directory name (or Hub id, for a Hub cache snapshot),
+    so no local path leaves the machine. Hub ids (`org/name[@rev]`) stay as they are."""
+    return {s.ref: s.display for s in sources if s.repo_id is None or s.ref.partition("@")[0] != s.repo_id}
+
+
+def scrub_refs(value: Any, names: dict[str, str]) -> Any:
+    """`value` (a recipe mapping, list or string) with every string equal to a key of `names`
+    replaced by its public name."""
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, dict):
+        return {k: scrub_refs(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_refs(v, names) for v in value]
+    return value
+
+
+def scrub_yaml_text(text: str | None, names: dict[str, str]) -> str | None:
+    """A YAML document (a mergekit config) with local source paths replaced by public names."""
+    if not text or not names:
+        return text
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if isinstance(data, dict):
+        return yaml.safe_dump(scrub_refs(data, names), sort_keys=False, allow_unicode=True)
+    for ref in sorted(names, key=len, reverse=True):
+        text = text.replace(ref, names[ref])
+    return text
+
+
+def _public_path(path: str) -> str:
+    """A dataset path as the card shows it: a local path by its last component."""
+    local = path[len("file://"):] if path.startswith("file://") else path
+    if "://" not in local and (local.startswith(("/", "~", "./", "../")) or Path(local).expanduser().exists()):
+        return Path(local.rstrip("/")).name or local
+    return path
+
+
 def _dataset_label(spec: dict[str, Any]) -> str:
     if not spec:
         return "n/a"
-    label = str(spec.get("path"))
+    label = _public_path(str(spec.get("path")))
     if spec.get("name"):
         label += f" ({spec['name']})"
     return f"{label}, split {spec.get('split', 'train')}"
@@ -185,10 +227,11 @@ def _heldout(inputs: CardInputs, pipeline_tag: str) -> tuple[list[dict[str, str]
         metrics.append((str(scorer), f"{scorer} (held out)", float(fit)))
     rows, results = [], []
     for metric_type, metric_name, value in metrics:
-        rows.append({"dataset": spec.get("path"), "split": spec.get("split", "test"), "metric": metric_name,
+        rows.append({"dataset": _public_path(str(spec.get("path"))), "split": spec.get("split", "test"), "metric": metric_name,
                      "value": _fmt(value), "count": _fmt(test.get("n_items"))})
         results.append(EvalResult(
-            task_type=pipeline_tag, dataset_type=str(spec.get("path")), dataset_name=str(spec.get("path")),
+            task_type=pipeline_tag, dataset_type=_public_path(str(spec.get("path"))),
+            dataset_name=_public_path(str(spec.get("path"))),
             dataset_config=spec.get("name"), dataset_split=spec.get("split", "test"),
             dataset_revision=spec.get("revision"), metric_type=metric_type, metric_name=metric_name,
             metric_value=round(value, 6)))

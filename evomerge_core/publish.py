@@ -191,8 +191,13 @@ def _mergekit_of(model_dir: Path, recipe: dict[str, Any]) -> str | None:
         return None  # not a mergekit-schema recipe (e.g. a data-flow path)
 
 
-def _sources(recipe: dict[str, Any], run: RunRecord | None, source_paths: dict[str, str] | None):
-    """(sources, base ref): from the run config when there is one, else from the recipe."""
+def _sources(recipe: dict[str, Any], run: RunRecord | None, source_paths: dict[str, str] | None,
+             record: dict[str, dict[str, Any]] | None = None):
+    """(sources, base ref): from the run config when there is one, else from the recipe. A Hub
+    source's commit comes from its pinned revision, its snapshot path, else the model
+    directory's `evomerge_sources.json` (written by the merge)."""
+    from dataclasses import replace
+
     from evomerge_core.licenses import describe_source
 
     paths = source_paths or {}
@@ -205,7 +210,14 @@ def _sources(recipe: dict[str, Any], run: RunRecord | None, source_paths: dict[s
         base = recipe.get("base_model")
     if not refs:
         raise SourceError("the recipe names no source models; publish a directory written by evomerge")
-    return [describe_source(r, paths.get(r)) for r in refs], base
+    found = []
+    for ref in refs:
+        src = describe_source(ref, paths.get(ref))
+        entry = (record or {}).get(ref) or {}
+        if src.repo_id and entry.get("commit") and entry.get("repo_id") == src.repo_id:
+            src = replace(src, revision=entry["commit"])
+        found.append(src)
+    return found, base
 
 
 def readme_fetcher(token: str | None, endpoint: str | None):
@@ -245,7 +257,7 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
                      source_paths: dict[str, str] | None = None, license: str | None = None,
                      force_license: bool = False, fetch_readme=None) -> Publication:
     """Check the inputs and build the model card; raises before anything is written."""
-    from evomerge_core.card import CardInputs, build_model_card
+    from evomerge_core.card import CardInputs, build_model_card, public_names, scrub_refs, scrub_yaml_text
     from evomerge_core.contamination import describe_contamination
     from evomerge_core.licenses import find_license, merge_licenses
 
@@ -254,7 +266,11 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
     config = check_model_dir(model_dir)
     recipe = _recipe_of(model_dir, run)
     mergekit_yaml = _mergekit_of(model_dir, recipe)
-    sources, base = _sources(recipe, run, source_paths)
+    from evomerge_core.merge.provenance import read_source_record
+
+    sources, base = _sources(recipe, run, source_paths, read_source_record(model_dir))
+    names = public_names(sources)  # no local path reaches the card or the pushed recipe
+    recipe, mergekit_yaml = scrub_refs(recipe, names), scrub_yaml_text(mergekit_yaml, names)
     found = [find_license(s, fetch_readme) for s in sources]
     decision = merge_licenses(found, override=license, force=force_license)
     inputs = CardInputs(

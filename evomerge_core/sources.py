@@ -162,6 +162,21 @@ def convert_pickle_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _refuse_vlm_mix(name: str, config: dict, reference: str, ref_config: dict) -> None:
+    """SourceError pointing to the VLM route when exactly one of two models is a VLM."""
+    from evomerge_core.vlm import family_of
+
+    vlm = [(ref, arch.architecture_name(cfg)) for ref, cfg in ((name, config), (reference, ref_config)) if family_of(cfg)]
+    if len(vlm) != 1:
+        return
+    (vlm_ref, vlm_arch), llm_ref = vlm[0], (reference if vlm[0][0] == name else name)
+    raise SourceError(
+        f"model {vlm_ref!r} is a vision-language model ({vlm_arch}) and {llm_ref!r} a plain LLM; a plain merge "
+        "cannot combine them. To merge LLMs into the VLM's language model, use `evomerge evolve` with that source "
+        "marked `vlm: true`, or evomerge_core.vlm.merge_vlm_to_dir for a fixed recipe (docs/vlm.md)"
+    )
+
+
 @dataclass
 class SourceInfo:
     """What the merge needs to know about a validated set of sources."""
@@ -201,6 +216,7 @@ def validate_sources(sources: Mapping[str, Path], *, base: str | None) -> Source
         except ValueError as exc:
             raise SourceError(f"model {name!r}: {exc}") from None
         if a != ref_arch:
+            _refuse_vlm_mix(name, configs[name], reference, configs[reference])
             raise SourceError(f"model {name!r} is a {a} but {reference!r} is a {ref_arch}; only models of one architecture can be merged")
         if layers != ref_layers:
             raise SourceError(f"model {name!r} has {layers} layers but {reference!r} has {ref_layers}; merged models need the same depth")

@@ -369,14 +369,17 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
     """
     import yaml
 
-    from evomerge_core.merge.engine import check_out_dir, parse_dtype
+    from evomerge_core.merge.engine import check_out_dir, check_shard_size, parse_dtype
+    from evomerge_core.merge.outdir import check_not_a_source, make_temp_dir, remove_stale_temp_dirs, umask_permissions
 
     out_dir = Path(out_dir)
+    check_shard_size(shard_size)
     check_out_dir(out_dir, overwrite)
     paths = {ref: Path(p) for ref, p in sources.items()}
     missing = [m for m in recipe.model_names() if m not in paths]
     if missing:
         raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
+    check_not_a_source(out_dir, {m: paths[m] for m in set(recipe.model_names()) | {vlm}})
     info = validate_vlm_sources({m: paths[m] for m in set(recipe.model_names()) | {vlm}}, vlm=vlm)
     ckpt = info.checkpoint
     readers = {ref: LazyModelReader(paths[ref]) for ref in set(recipe.model_names()) | {vlm}}
@@ -389,10 +392,11 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
         PlannedTensor(n, lm_dtype if n in to_canonical and info_.dtype.is_floating_point else info_.dtype, info_.shape)
         for n, info_ in vlm_reader.tensors.items()
     ]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temp_dirs(out_dir)
+    tmp = make_temp_dir(out_dir)
     writer = ShardedWriter(tmp, planned, shard_size)
     try:
+        umask_permissions(tmp)
         for item in planned:
             canonical = to_canonical.get(item.name)
             if canonical is None or not item.dtype.is_floating_point:

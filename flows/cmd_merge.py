@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
-from evomerge_core.merge.engine import check_out_dir, merge_to_dir, parse_dtype
+from evomerge_core.merge.engine import check_device, check_out_dir, check_shard_size, merge_to_dir, parse_dtype
+from evomerge_core.merge.outdir import remove_stale_temp_dirs
 from evomerge_core.architectures import num_hidden_layers
 from evomerge_core.errors import ConfigError
 from evomerge_core.io import read_config
@@ -28,13 +31,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the merge removes its temporary directory on the way out."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Turn the first SIGTERM into `Terminated` (later ones are ignored while cleaning up)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        with _terminate_as_interrupt():
+            return _run(args)
+    except Terminated:
+        print("error: terminated (SIGTERM); the partial output was removed and no output directory was written; "
+              "run the same command again", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     recipe = loaded.recipe
     for note in loaded.notes:
         print(note, file=sys.stderr)
     if args.dtype:
         parse_dtype(args.dtype)
+    check_device(args.device)
+    check_shard_size(args.shard_size)
     check_out_dir(args.out_dir, args.overwrite)
     plan = plan_recipe(recipe)
     refs = ([plan.reference] if plan.reference not in plan.inputs else []) + list(plan.inputs)
@@ -49,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"slice layer_range {list(loaded.layer_range)} does not span all {layers} layers of {ref}; only whole-model slices are supported"
                 )
+    for stale in remove_stale_temp_dirs(args.out_dir):
+        print(f"note: removed {stale.name}, left in {stale.parent} by an interrupted merge", file=sys.stderr)
+    notes: list[str] = []
     merge_to_dir(
         recipe,
         sources,
@@ -58,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         shard_size=args.shard_size,
         progress=not args.no_progress,
+        notes=notes,
     )
+    for note in notes:
+        print(note, file=sys.stderr)
     print(f"merged {len(sources)} models with {recipe.merge_method} into {args.out_dir}")
     return 0

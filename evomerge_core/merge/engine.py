@@ -15,18 +15,20 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from evomerge_core.architectures import is_vocab_tensor
+from evomerge_core.architectures import is_vocab_tensor, layer_index
 from evomerge_core.errors import MergeError
 from evomerge_core.io import TOKENIZER_FILES, PlannedTensor, copy_files, replace_dir
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
 from evomerge_core.merge.kernels import cpu_parallelism, release_workspace
-from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params
+from evomerge_core.merge.moe import check_expert_merge
+from evomerge_core.merge.outdir import check_not_a_source, make_temp_dir, remove_stale_temp_dirs, umask_permissions
+from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params, unmatched_filters
+from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.merge.recipe import MergeRecipe
 from evomerge_core.sources import validate_sources
 
@@ -143,6 +145,31 @@ def merge_state_dicts(
     return out
 
 
+def check_device(device: str) -> str:
+    """`device` if a merge can run there (cpu, or cuda[:N] when CUDA is available), else MergeError."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MergeError(f"unknown device {device!r}; use --device cpu or --device cuda[:N]") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise MergeError(f"device {device!r} is not supported for merging; use --device cpu or --device cuda[:N]")
+    if not torch.cuda.is_available():
+        raise MergeError(f"--device {device} was requested but no CUDA device is available; use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise MergeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_shard_size(shard_size: int) -> int:
+    """`shard_size` if it is a positive number of bytes, else MergeError."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise MergeError(f"--shard-size must be a positive number of bytes (e.g. 5000000000), got {shard_size!r}")
+    return shard_size
+
+
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing non-empty OUT_DIR unless `overwrite` (nothing is touched)."""
     out_dir = Path(out_dir)
@@ -175,14 +202,20 @@ def merge_to_dir(
     overwrite: bool = False,
     shard_size: int = 5 * 10**9,
     progress: bool = True,
+    notes: list[str] | None = None,
 ) -> Path:
     """Merge resolved sources into a loadable Hugging Face model directory, atomically.
 
     Config comes from the base (else first) model, tokenizer files from `tokenizer_source`
-    (else base, else first), plus generation_config.json. Returns `out_dir`.
+    (else base, else first), plus generation_config.json and `evomerge_sources.json` (the Hub
+    commit of every Hub source). Everything is checked before anything is created; `OUT_DIR`
+    may not be, contain or lie inside a source. Notes on what was done about a missing
+    tokenizer or differing vocabularies are appended to `notes`. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     plan = plan_recipe(recipe)
+    check_device(device)
+    check_shard_size(shard_size)
     check_out_dir(out_dir, overwrite)
     needed = ([plan.base] if plan.base else []) + list(plan.inputs)
     if plan.reference not in needed:
@@ -190,23 +223,29 @@ def merge_to_dir(
     missing = [m for m in needed if m not in sources]
     if missing:
         raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    tokenizer_ref(recipe, plan)
+    check_not_a_source(out_dir, {m: Path(sources[m]) for m in needed})
+    tok_ref = tokenizer_ref(recipe, plan)
     info = validate_sources({m: Path(sources[m]) for m in needed}, base=plan.reference)
+    check_filters(recipe, list(info.tensor_shapes))
+    check_expert_merge(plan, info.tensor_shapes, info.num_layers)
+    merge_notes = _tokenizer_notes(recipe, tok_ref, Path(sources[tok_ref])) + _vocab_notes(info)
+    if notes is not None:
+        notes.extend(merge_notes)
     first_dtype = next(iter(info.tensor_dtypes.values()))
     out_dtype = _out_dtype(recipe, dtype, first_dtype)  # type: ignore[arg-type]
     planned = [
         PlannedTensor(n, out_dtype if info.tensor_dtypes[n].is_floating_point else info.tensor_dtypes[n], shape)  # type: ignore[union-attr]
         for n, shape in info.tensor_shapes.items()
     ]
+    remove_stale_temp_dirs(out_dir)
+    tmp = make_temp_dir(out_dir)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as exc:
-        raise MergeError(f"cannot create output directory {out_dir} ({exc.strerror or exc}); choose a writable path") from None
-    models = {m: MappedModel(Path(sources[m])) for m in needed}
-    writer = DirectShardedWriter(tmp, planned, shard_size)
+        umask_permissions(tmp)
+        models = {m: MappedModel(Path(sources[m])) for m in needed}
+        writer = DirectShardedWriter(tmp, planned, shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     on_cpu = torch.device(device).type == "cpu"
     try:
         with cpu_parallelism(None if on_cpu else 1):
@@ -266,6 +305,41 @@ def tokenizer_ref(recipe: MergeRecipe, plan: MergePlan) -> str:
     return ref
 
 
+def check_filters(recipe: MergeRecipe, tensor_names: list[str]) -> None:
+    """MergeError for a parameter `filter` that matches no tensor of the models (a typo, or
+    another naming, would otherwise leave the parameter silently unused)."""
+    unmatched = unmatched_filters(recipe, tensor_names)
+    if unmatched:
+        where, name, flt = unmatched[0]
+        example = next((t for t in tensor_names if layer_index(t) is not None), tensor_names[0] if tensor_names else "")
+        raise MergeError(
+            f"filter {flt!r} of parameter {name!r} ({where}) matches no tensor of the models (their names look like "
+            f"{example}); use a substring of the tensor names, or remove that entry"
+        )
+
+
+def _tokenizer_notes(recipe: MergeRecipe, tok_ref: str, tok_dir: Path) -> list[str]:
+    """A note when the tokenizer source has no tokenizer files (MergeError when it was named)."""
+    if any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        return []
+    if recipe.tokenizer_source not in (None, "base"):
+        raise MergeError(f"tokenizer_source {tok_ref!r} has no tokenizer files; name a model that has them")
+    return [f"note: {tok_ref!r}, the model the output takes its tokenizer from, has no tokenizer files, so the "
+            "merged model has none; set tokenizer_source: <model> in the config to copy one from another source"]
+
+
+def _vocab_notes(info) -> list[str]:
+    """A note when the sources' vocabularies differ (what the vocabulary rule did about it)."""
+    sizes = {m: s for m, s in info.vocab_sizes.items() if s is not None}
+    if len(set(sizes.values())) <= 1:
+        return []
+    ref = info.reference
+    listing = ", ".join(f"{m!r}: {s}" for m, s in sizes.items())
+    return [f"note: the vocabulary sizes differ ({listing}); the output keeps the vocabulary of {ref!r}: the "
+            f"{min(sizes.values())} rows all models share are merged, {ref!r}'s other rows are copied unchanged "
+            "and other models' extra rows are dropped (docs/merging.md, vocabulary rule)"]
+
+
 def _write_aux(recipe: MergeRecipe, plan: MergePlan, sources: Mapping[str, Path], tmp: Path, out_dtype: torch.dtype) -> None:
     import yaml
 
@@ -277,6 +351,7 @@ def _write_aux(recipe: MergeRecipe, plan: MergePlan, sources: Mapping[str, Path]
     copy_files(ref_dir, tmp, ["generation_config.json"])
     copy_files(Path(sources[tokenizer_ref(recipe, plan)]), tmp, TOKENIZER_FILES)
     (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    write_source_record(tmp, {m: Path(p) for m, p in sources.items() if m in recipe.model_names()})
 
 
 class _NoBar:

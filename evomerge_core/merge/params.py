@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from evomerge_core.architectures import layer_index
+from evomerge_core.architectures import is_vision_tensor, layer_index
 from evomerge_core.errors import ConfigError, MergeError
 from evomerge_core.merge.methods import PARAM_RANGES, REQUIRED, MergeMethod, get_method
 from evomerge_core.merge.recipe import ConditionalValue, MergeRecipe
@@ -37,13 +37,42 @@ class MergePlan:
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:
-    """Gradient position t of a tensor: i/(N-1) for decoder layer i of N, 0 outside layers."""
+    """Gradient position t of a tensor: i/(N-1) for decoder layer i of N, 0 outside layers.
+
+    Only the text (language model) layers count: a VLM's vision-tower layers have their own
+    numbering and sit at t = 0 like the other tensors outside the decoder layers."""
+    if is_vision_tensor(tensor_name):
+        return 0.0
     idx = layer_index(tensor_name)
     if idx is None:
         return 0.0
     if num_layers <= 1:
         return 1.0
     return idx / (num_layers - 1)
+
+
+def unmatched_filters(recipe: MergeRecipe, tensor_names: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Every `filter` of the recipe's parameters that is a substring of no tensor name, as
+    (where, parameter, filter) (`null` and `*` match everything)."""
+    found: list[tuple[str, str, str]] = []
+
+    def walk(setting: Any, where: str, name: str) -> None:
+        if isinstance(setting, Mapping):
+            setting = ConditionalValue.model_validate(setting)
+        if isinstance(setting, ConditionalValue):
+            f = setting.filter
+            if f not in (None, "*") and not any(f in t for t in tensor_names):
+                found.append((where, name, f))
+            walk(setting.value, where, name)
+        elif isinstance(setting, list):
+            for entry in setting:
+                walk(entry, where, name)
+
+    scopes = [("top-level parameters", recipe.parameters)] + [(f"parameters of {e.model}", e.parameters) for e in recipe.models]
+    for where, params in scopes:
+        for name, setting in params.items():
+            walk(setting, where, name)
+    return found
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -62,6 +91,9 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
                 return evaluate_setting(cond.value, tensor_name, t)
         return None
+    if t > 1:  # a layer index beyond the config's depth (e.g. an extra prediction layer)
+        raise MergeError(f"tensor {tensor_name} lies beyond the last of the model's decoder layers (config.json "
+                         "num_hidden_layers), so a per-layer gradient cannot place it; give that parameter a single value")
     numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
     if not numeric:
         return setting[int(t * (len(setting) - 1))]
