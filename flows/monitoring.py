@@ -3,15 +3,23 @@
 - a progress artifact, updated in place after every generation;
 - per generation a table artifact (each candidate: task run name, fitness, accuracy, seconds,
   error), key ``{run}-candidates`` (one version per generation);
-- a markdown artifact with the best recipe so far and the fitness over generations (a text
-  chart: the UI renders markdown, not images), key ``{run}-best``;
-- at the end a link artifact to the fitness plot (``report/fitness.png``) in the run store.
+- a markdown artifact with the best recipe so far and the fitness over generations: a chart (a
+  PNG inlined as a ``data:`` URI, so the UI shows it without leaving the page) and a table, key
+  ``{run}-best``;
+- at the end a markdown artifact with the final chart and where the run store keeps the report,
+  key ``{run}-plot``.
 
-The rendering functions are pure (tested without an API); `RunMonitor` publishes them.
+``{run}`` is the run key plus a short hash of the run's store location, so two runs never share
+an artifact key (a chain's stages, or one run key on two storages), while a resumed run continues
+its own keys. The rendering functions are pure (tested without an API); `RunMonitor` publishes
+them.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -22,10 +30,16 @@ BARS = " ▏▎▍▌▋▊▉█"
 CHART_WIDTH = 24
 
 
-def artifact_key(run_key: str, what: str) -> str:
-    """A valid artifact key (lowercase letters, digits, dashes) for a run's artifact."""
-    slug = re.sub(r"[^a-z0-9]+", "-", run_key.lower()).strip("-") or "run"
-    return f"{slug}-{what}"
+def slug(text: str) -> str:
+    """`text` as lowercase letters, digits and dashes (artifact keys, limit names)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "run"
+
+
+def artifact_key(run_key: str, what: str, where: str = "") -> str:
+    """A valid artifact key for a run's artifact; with `where` (the run's store URL) a short hash
+    of it makes the key unique to that run."""
+    tag = f"-{hashlib.sha256(where.encode()).hexdigest()[:8]}" if where else ""
+    return f"{slug(run_key)}{tag}-{what}"
 
 
 def candidate_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,8 +91,19 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def best_markdown(run_key: str, best: dict[str, Any] | None, summaries: Sequence[dict[str, Any]], total: int) -> str:
-    """The markdown artifact: best recipe so far and the fitness over generations."""
+def chart_image(summaries: Sequence[dict[str, Any]]) -> str:
+    """Markdown of the fitness-over-generations plot as an inline PNG (`data:` URI)."""
+    from evomerge_core.report import plot_fitness
+
+    buf = io.BytesIO()
+    plot_fitness(list(summaries), buf)  # type: ignore[arg-type]  # savefig takes a file object too
+    return f"![fitness over generations](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def best_markdown(run_key: str, best: dict[str, Any] | None, summaries: Sequence[dict[str, Any]], total: int,
+                  chart: str = "") -> str:
+    """The markdown artifact: best recipe so far and the fitness over generations (`chart`: an
+    image line from `chart_image` above the table)."""
     done = len(summaries)
     head = [f"# {run_key}: generation {done} of {total}", ""]
     if best is None:
@@ -89,20 +114,27 @@ def best_markdown(run_key: str, best: dict[str, Any] | None, summaries: Sequence
         if best.get("recipe"):
             head += ["Recipe (mergekit YAML):", "", "```yaml",
                      yaml.safe_dump(best["recipe"], sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(head + ["## Fitness over generations", "", fitness_chart(summaries), ""])
+    return "\n".join(head + ["## Fitness over generations", ""] + ([chart, ""] if chart else [])
+                     + [fitness_chart(summaries), ""])
 
 
 class RunMonitor:
     """Publishes a run's artifacts from inside its flow run."""
 
-    def __init__(self, run_key: str, total: int, done: int = 0) -> None:
+    def __init__(self, run_key: str, total: int, done: int = 0, where: str = "",
+                 summaries: list[dict[str, Any]] | None = None) -> None:
         from prefect.artifacts import create_progress_artifact
 
         self.run_key = run_key
+        self.where = where
         self.total = max(total, 1)
+        self.summaries: Sequence[dict[str, Any]] = summaries if summaries is not None else []  # the run's own list
         self.progress_id = create_progress_artifact(
-            progress=100.0 * done / self.total, key=artifact_key(run_key, "progress"),
+            progress=100.0 * done / self.total, key=self.key("progress"),
             description=f"{run_key}: generations done of {total}")
+
+    def key(self, what: str) -> str:
+        return artifact_key(self.run_key, what, self.where)
 
     def generation(self, records: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]],
                    best: dict[str, Any] | None) -> None:
@@ -110,21 +142,23 @@ class RunMonitor:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
 
         summary = summaries[-1]
+        self.summaries = summaries
         g = summary["generation"] + 1
         create_table_artifact(
-            table=candidate_rows(records), key=artifact_key(self.run_key, "candidates"),
+            table=candidate_rows(records), key=self.key("candidates"),
             description=f"{self.run_key} generation {g}: {summary['candidates']} candidates, "
                         f"best {_fmt(summary.get('best_fitness'))}, {summary['seconds']:.1f} s")
         update_progress_artifact(self.progress_id, progress=100.0 * g / self.total,
                                  description=f"{self.run_key}: generation {g} of {self.total}")
-        create_markdown_artifact(markdown=best_markdown(self.run_key, best, summaries, self.total),
-                                 key=artifact_key(self.run_key, "best"),
+        create_markdown_artifact(markdown=best_markdown(self.run_key, best, summaries, self.total, chart_image(summaries)),
+                                 key=self.key("best"),
                                  description=f"{self.run_key}: best recipe after generation {g}")
 
     def finished(self, plot_url: str | None) -> None:
-        """At the end: a link to the fitness plot in the run store (when a report was written)."""
-        from prefect.artifacts import create_link_artifact
+        """At the end: the final fitness chart inline, and where the report is (when one was written)."""
+        from prefect.artifacts import create_markdown_artifact
 
-        if plot_url:
-            create_link_artifact(link=plot_url, link_text="fitness.png (fitness over generations)",
-                                 key=artifact_key(self.run_key, "plot"), description=f"{self.run_key}: fitness plot")
+        if plot_url and self.summaries:
+            md = "\n".join([f"# {self.run_key}: fitness over generations", "", chart_image(self.summaries), "",
+                            f"The same plot and `report.md` are in the run store: `{plot_url}`", ""])
+            create_markdown_artifact(markdown=md, key=self.key("plot"), description=f"{self.run_key}: fitness plot")

@@ -7,7 +7,7 @@ import pytest
 
 from test_evolve import make_config
 
-from evomerge.flows.monitoring import artifact_key, bar, best_markdown, candidate_rows, fitness_chart
+from evomerge.flows.monitoring import artifact_key, bar, best_markdown, candidate_rows, chart_image, fitness_chart
 from evomerge_core.evaluate import clear_evaluators
 
 pytestmark = pytest.mark.timeout(300)
@@ -20,6 +20,24 @@ def _summary(g: int, best: float | None, mean: float | None) -> dict:
 def test_artifact_key_is_valid_for_any_run_key():
     assert artifact_key("My_Run.v2", "best") == "my-run-v2-best"
     assert artifact_key("___", "plot") == "run-plot"
+
+
+def test_artifact_keys_are_unique_per_run_store():
+    # a chain's stages all have run key "0", "1", ... under different stores
+    a = artifact_key("0", "best", "file:///runs/chain-a/stages/0")
+    b = artifact_key("0", "best", "file:///runs/chain-b/stages/0")
+    assert a != b and a.startswith("0-") and a.endswith("-best") and len(a.split("-")[1]) == 8
+    assert a == artifact_key("0", "best", "file:///runs/chain-a/stages/0")  # a resume keeps its keys
+
+
+def test_chart_image_is_an_inline_png():
+    import base64
+
+    md = chart_image([_summary(0, -2.0, -3.0), _summary(1, None, None), _summary(2, -1.0, -1.5)])
+    prefix = "![fitness over generations](data:image/png;base64,"
+    assert md.startswith(prefix) and md.endswith(")")
+    png = base64.b64decode(md[len(prefix):-1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
 
 
 def test_bar_scales_and_clamps():
@@ -72,7 +90,8 @@ def test_run_leaves_artifacts_in_the_flow_run(tiny_family, tiny_dataset, tmp_pat
     for a in arts:
         by_type.setdefault(a.type, []).append(a)
     tables = sorted(by_type["table"], key=lambda a: a.created)
-    assert len(tables) == 2 and all(a.key == "monitored-candidates" for a in tables)
+    key = artifact_key("monitored", "candidates", f"file://{tmp_path}/monitored")
+    assert len(tables) == 2 and all(a.key == key for a in tables)
     import json
 
     rows = json.loads(tables[-1].data) if isinstance(tables[-1].data, str) else tables[-1].data
@@ -81,8 +100,10 @@ def test_run_leaves_artifacts_in_the_flow_run(tiny_family, tiny_dataset, tmp_pat
     assert [r["fitness"] for r in rows] == [round(h["fitness"], 4) for h in gen1]
     (progress,) = by_type["progress"]
     assert float(progress.data) == 100.0  # one artifact, updated in place
-    best_md = sorted((a for a in arts if a.key == "monitored-best"), key=lambda a: a.created)
+    best_md = sorted((a for a in arts if a.key == key.replace("-candidates", "-best")), key=lambda a: a.created)
     assert len(best_md) == 2
     assert f"fitness {result['best_fitness']:.4f}" in best_md[-1].data and "generation 2 of 2" in best_md[-1].data
-    (link,) = [a for a in arts if a.key == "monitored-plot"]
-    assert "report/fitness.png" in link.data and (tmp_path / "monitored/report/fitness.png").is_file()
+    assert "](data:image/png;base64," in best_md[-1].data  # the chart, visible on the artifact page
+    (plot,) = [a for a in arts if a.key == key.replace("-candidates", "-plot")]
+    assert plot.type == "markdown" and "](data:image/png;base64," in plot.data and "report/fitness.png" in plot.data
+    assert (tmp_path / "monitored/report/fitness.png").is_file()
