@@ -90,7 +90,8 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
         print(f"resuming from generation {state.next_generation + 1}/{total}: {len(history)} evaluations "
               f"restored from checkpoints{damaged}", flush=True)
     counts = {"new": 0, "reused": 0}
-    monitor = RunMonitor(cfg.effective_run_key(), total, done=state.next_generation)  # UI artifacts
+    monitor = RunMonitor(cfg.effective_run_key(), total, done=state.next_generation, where=store.url(),
+                         summaries=summaries)  # UI artifacts, keys unique to this run store
     budgeted = budget.uses_items(cfg)
     if budgeted:  # fitness.budget: racing / subset / length caps (flows/budget.py)
         from evomerge_core.fitness.evaluator import Fitness
