@@ -83,8 +83,10 @@ def family_of(config: Mapping[str, Any], name: str = "model") -> DecoderFamily:
     if model_type not in FAMILIES:
         arch = (config.get("architectures") or [model_type])[0]
         raise SourceError(
-            f"{name} is a {arch} (model_type {model_type!r}); DFS merging needs a decoder-only causal LM "
-            f"with model.layers.N naming ({', '.join(sorted(FAMILIES))}), choose such a model"
+            f"{name} is a {arch} (model_type {model_type!r}), which DFS does not support: it runs one model's "
+            "layers inside another's residual stream and scales each layer's last write (mlp.down_proj), which is "
+            f"implemented and tested for the {', '.join(sorted(FAMILIES))} decoder families only; choose two models "
+            "of one of these families"
         )
     if not isinstance(config.get("num_hidden_layers"), int):
         raise SourceError(f"{name} has no num_hidden_layers in its config.json; it is not a decoder model DFS can use")

@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.flows.prefect_api import check_api
 
     check_api()
-    if args.run:
-        with tempfile.TemporaryDirectory(prefix="evomerge-run-check-") as tmp:
-            core.load_run(core.open_run(args.run), Path(tmp))  # finished run? readable?
+    check_publication(args)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from evomerge.flows.publish import publish
 
@@ -61,3 +59,20 @@ def run(args: argparse.Namespace) -> int:
             token_secret_block=args.token_secret_block, endpoint=os.environ.get("HF_ENDPOINT") or None,
             shard_size=args.shard_size)
     return 0
+
+
+def check_publication(args: argparse.Namespace) -> None:
+    """What the flow's staging step (`tasks.publish.stage_publication`) would refuse, checked the
+    same way before the flow starts: the run (finished? readable?), the recipe and the sources'
+    licenses. A refusal is one `error:` line (exit 2) instead of a failed flow run's traceback."""
+    from evomerge.tasks.publish import hub_token
+
+    try:
+        token: str | None = hub_token(args.token_secret_block)
+    except core.PublishError:
+        token = None  # as in staging: only the sources' READMEs are read here
+    with tempfile.TemporaryDirectory(prefix="evomerge-run-check-") as tmp:
+        run = core.load_run(core.open_run(args.run), Path(tmp)) if args.run else None
+        core.plan_publication(Path(args.model_dir), args.repo_id, run=run, license=args.license,
+                              force_license=args.force_license,
+                              fetch_readme=core.readme_fetcher(token, os.environ.get("HF_ENDPOINT") or None))

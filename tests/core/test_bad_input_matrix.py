@@ -301,7 +301,7 @@ CASES: dict[str, tuple[Callable[..., list[str]], int, str]] = {
     "publish-bad-shard-size": (lambda c: _publish(c, None, "--shard-size", "0"), 2, "--shard-size must be positive"),
     "publish-busy-dry-run": (_publish_busy_dry_run, 2, "is not an empty directory"),
     "publish-no-token": (_publish_no_token, 1, "no Hugging Face token"),
-    "publish-bad-run-url": (lambda c: _publish(c, None, "--run", "ftp://host/runs/x"), 1, "unsupported scheme 'ftp'"),
+    "publish-bad-run-url": (lambda c: _publish(c, None, "--run", "ftp://host/runs/x"), 2, "unsupported scheme 'ftp'"),
 }
 
 
