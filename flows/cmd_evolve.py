@@ -1,13 +1,12 @@
 """`evomerge evolve CONFIG.yaml [--run-key K] [--storage URL] [--no-resume]`: validate the
 config and the fitness data, check the storage (access, no live run on the run key, a config
 that may continue the stored run), all before any model is loaded; then run the evolve flow
-locally against Prefect's ephemeral API (no server needed; set PREFECT_API_URL to use a
-server). With the same run key and storage it continues an unfinished run."""
+locally against a temporary local Prefect API that this command owns (flows/local_server.py; set
+PREFECT_API_URL to use a server). With the same run key and storage it continues an unfinished run."""
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from evomerge_core.config import load_run_config, parse_run_config
 from evomerge_core.evolution import check_run_free
@@ -33,16 +32,19 @@ def run(args: argparse.Namespace) -> int:
         overrides["storage"] = args.storage
     if overrides:
         config = parse_run_config({**config.model_dump(mode="json", exclude_unset=True), **overrides}, source=args.config)
-    preflight(config)
+    from evomerge.flows.local_server import local_api, using
     from evomerge.flows.prefect_api import check_api
 
-    check_api()  # before the run store is touched
-    check_run_free(config, resume=not args.no_resume)
-    # Prefect's temporary API server gets 20 s to start by default; busy machines need more.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from evomerge.flows.evolve import evolve
+    # Without PREFECT_API_URL a temporary API server of this process's own starts now and gets
+    # ready while the checks run; it dies with this process (see flows/local_server.py).
+    with local_api() as server:
+        preflight(config)
+        check_api()  # before the run store is touched
+        check_run_free(config, resume=not args.no_resume)
+        with using(server):
+            from evomerge.flows.evolve import evolve
 
-    evolve(config.model_dump(mode="json"), resume=not args.no_resume, run_key=config.effective_run_key())
+            evolve(config.model_dump(mode="json"), resume=not args.no_resume, run_key=config.effective_run_key())
     return 0
 
 
