@@ -124,6 +124,9 @@ class Fitness:
         ctx = self.context(model, tokenizer, recipe=recipe, genome=genome, processor=processor)
         if max_new_tokens is not None:
             ctx.max_new_tokens = list(max_new_tokens)
+        caps = self.config.budget.length_caps if self.config.budget is not None else None
+        if caps is not None and caps.answer_line and "\n" not in ctx.stop_strings:
+            ctx.stop_strings = (*ctx.stop_strings, "\n")  # one-line answers: decided at the line's end
         scores = [float(v) for v in per_item(ctx)]
         bad = [v for v in scores if not math.isfinite(v)]
         if bad:

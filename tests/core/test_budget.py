@@ -155,3 +155,30 @@ def test_bad_budget_config_is_one_clear_error(fitness, message):
 def test_budget_off_by_default_and_absent_from_the_config_dump():
     assert FitnessConfig().budget is None and "budget" not in FitnessConfig().model_dump()
     assert FitnessConfig(budget={"racing": True}).budget.racing.slice == 10
+
+
+def test_answer_line_caps_stop_rows_at_the_newline_only_in_budgeted_scoring(tmp_path, monkeypatch):
+    import json
+
+    from evomerge_core.fitness import registry
+    from evomerge_core.fitness.evaluator import Fitness
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) for i in range(3)) + "\n")
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, stop_strings, batch_size, stats):
+        seen.append((tuple(stop_strings), max_new_tokens))
+        stats["row_tokens"] = [2] * len(prompts)
+        return ["1\n"] * len(prompts)
+
+    monkeypatch.setattr("evomerge_core.generation.greedy_generate", fake_generate)
+    cfg = FitnessConfig(dataset={"path": str(path), "columns": {"prompt": "q", "answer": "a"}}, scorer="exact_match",
+                        stop_strings=["="], budget={"length_caps": {"answer_line": True}})
+    fit = Fitness(cfg)
+    out = fit.score_items(None, None, max_new_tokens=[3, 4, 5])
+    assert out == {"scores": [1.0, 0.0, 0.0], "tokens": [2, 2, 2]}
+    assert seen[-1] == (("=", "\n"), [3, 4, 5])
+    fit.score(None, None)  # the full-split fitness (final check) keeps the configured stops and cap
+    assert seen[-1] == (("=",), 256)
+    assert registry.get_scorer("exact_match").per_item is not None
