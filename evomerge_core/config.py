@@ -543,6 +543,13 @@ def _check_runtime_output(config: RunConfig) -> None:
         if not config.output.materialise_best:
             raise ConfigError("output.publish.repo_id is set but output.materialise_best is false, so there would be "
                               "no model to publish; set materialise_best: true or remove repo_id")
+    rev = publish.revision
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", rev) or ".." in rev or rev.endswith((".lock", "/", ".")):
+        raise ConfigError(f"output.publish.revision: {rev!r} is not a valid branch name; use e.g. main or v1 "
+                          "(letters, digits, '.', '_', '-', '/')")
+    if publish.license is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", publish.license):
+        raise ConfigError(f"output.publish.license: {publish.license!r} is not a license id; use an SPDX-style id "
+                          "such as apache-2.0 or mit (the Hub's license identifiers)")
 
 
 def _check_vlm(config: RunConfig) -> None:

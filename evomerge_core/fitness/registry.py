@@ -200,6 +200,9 @@ def validate_scorer(fitness_config: Any) -> None:
         raise ConfigError(f"fitness.dataset is required for scorer {fitness_config.scorer!r}; add a dataset with path and columns")
     acc = accuracy_scorer(fitness_config, main)
     if acc is not None:
-        acc.check_options(fitness_config.accuracy_options)
+        try:
+            acc.check_options(fitness_config.accuracy_options)
+        except ConfigError as exc:  # the scorers name `fitness.options`; these are the accuracy's
+            raise ConfigError(str(exc).replace("fitness.options", "fitness.accuracy_options", 1)) from None
         if acc.needs_dataset and fitness_config.dataset is None:
             raise ConfigError("fitness.dataset is required to report accuracy; add one or set fitness.accuracy_scorer: none")

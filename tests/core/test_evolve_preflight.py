@@ -179,6 +179,10 @@ CASES: dict[str, tuple[Callable[[dict, Path], None], str]] = {
     "publish-repo-id": (_deep("output.publish.repo_id", "not a repo"), "output.publish.repo_id: repo id 'not a repo'"),
     "publish-without-best": (lambda c, t: (_deep("output.publish.repo_id", "org/name")(c, t),
                                            _deep("output.materialise_best", False)(c, t)), "set materialise_best: true"),
+    "publish-revision": (_deep("output.publish.revision", "bad..rev"), "output.publish.revision: 'bad..rev'"),
+    "publish-license": (_deep("output.publish.license", "see README!"), "output.publish.license: 'see README!'"),
+    "accuracy-options": (lambda c, t: c["fitness"].update(accuracy_scorer="exact_match", accuracy_options={"ignorecase": True}),
+                         "fitness.accuracy_options: unknown option 'ignorecase'"),
     "storage-file-host": (_deep("storage", "file://relative/runs"), "storage: storage URL 'file://relative/runs'"),
     # sources: what `evomerge merge` checks, and what in-place merging needs
     "source-hidden-size": (_set_ft(lambda c, t: make_tiny_llama(t / "hidden-48", 5, hidden=48)), "has shape"),
