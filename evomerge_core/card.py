@@ -320,7 +320,7 @@ def build_model_card(inputs: CardInputs):
         run=_run_facts(inputs),
         fitness_plot=inputs.fitness_plot,
         heldout=heldout_rows,
-        contamination=inputs.contamination,
+        contamination=[{**c, "dataset": _public_path(str(c.get("dataset", "")))} for c in inputs.contamination],
         disjoint=disjoint,
         usage=_usage(inputs.repo_id, vlm),
         license={"label": _license_label(inputs.license), "how": inputs.license.how},

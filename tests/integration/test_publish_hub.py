@@ -220,8 +220,10 @@ def test_llm_dry_run_push_idempotent_and_download(hub, llm_run, prefect_api, tmp
     assert "merge_method: dare_ties" in text and "density: 0.8" in text
     for name in ("tiny-base", "tiny-ft1", "tiny-ft2"):
         assert f"[{ORG}/{name}](https://huggingface.co/{ORG}/{name})" in text
-    assert "| `/data/heldout.jsonl` | train | accuracy (held out) | 0.3125 | 16 |" in text
-    assert "| `/data/train.jsonl, split train` | `logprob` | -1.2345 | 0.7500 | 4 |" in text
+    # local dataset paths appear by file name only (no local absolute path on the card)
+    assert "| `heldout.jsonl` | train | accuracy (held out) | 0.3125 | 16 |" in text
+    assert "| `train.jsonl, split train` | `logprob` | -1.2345 | 0.7500 | 4 |" in text
+    assert "/data/" not in str(card)
     assert "read from Hub README.md front matter" in text
     info = HfApi(endpoint=hub.url, token=TOKEN).model_info(repo)
     assert info.sha == head and info.pipeline_tag == "text-generation"
