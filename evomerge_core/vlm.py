@@ -370,7 +370,8 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
     import yaml
 
     from evomerge_core.merge.engine import check_out_dir, check_shard_size, parse_dtype
-    from evomerge_core.merge.outdir import check_not_a_source, make_temp_dir, remove_stale_temp_dirs, umask_permissions
+    from evomerge_core.merge.outdir import (check_not_a_source, make_temp_dir, remove_stale_temp_dirs, signals_deferred,
+                                            umask_permissions)
     from evomerge_core.merge.provenance import write_source_record
 
     out_dir = Path(out_dir)
@@ -415,7 +416,8 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
         copy_files(paths[vlm], tmp, [f for f in AUX_FILES if f != "config.json"])
         (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
         write_source_record(tmp, {m: paths[m] for m in recipe.model_names()})
-        replace_dir(tmp, out_dir)
+        with signals_deferred():
+            replace_dir(tmp, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)

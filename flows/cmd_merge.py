@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         with _terminate_as_interrupt():
             return _run(args)
     except Terminated:
-        print("error: terminated (SIGTERM); the partial output was removed and no output directory was written; "
-              "run the same command again", file=sys.stderr)
+        print("error: terminated (SIGTERM); nothing half-written was kept (the temporary output directory was "
+              "removed); run the same command again", file=sys.stderr)
         return 130
 
 

@@ -26,7 +26,8 @@ from evomerge_core.io import TOKENIZER_FILES, PlannedTensor, copy_files, replace
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
 from evomerge_core.merge.kernels import cpu_parallelism, release_workspace
 from evomerge_core.merge.moe import check_expert_merge
-from evomerge_core.merge.outdir import check_not_a_source, make_temp_dir, remove_stale_temp_dirs, umask_permissions
+from evomerge_core.merge.outdir import (check_not_a_source, make_temp_dir, remove_stale_temp_dirs, signals_deferred,
+                                        umask_permissions)
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params, unmatched_filters
 from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.merge.recipe import MergeRecipe
@@ -252,7 +253,8 @@ def merge_to_dir(
             _stream(plan, planned, info, models, writer, device, on_cpu, progress)
         writer.close()
         _write_aux(recipe, plan, sources, tmp, out_dtype)
-        replace_dir(tmp, out_dir)
+        with signals_deferred():
+            replace_dir(tmp, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)

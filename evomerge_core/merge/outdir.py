@@ -8,11 +8,13 @@ killed merge (its pid is gone on this host: removed) from one a running merge is
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -94,3 +96,18 @@ def umask_permissions(path: Path) -> None:
     mask = os.umask(0o022)
     os.umask(mask)
     os.chmod(path, 0o777 & ~mask)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM (delivered on exit) while the output is swapped into place: the two
+    renames of `io.replace_dir` must not be split by an interrupt."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, OSError, ValueError):  # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
