@@ -175,10 +175,33 @@ def test_a_filter_that_matches_no_tensor_is_an_error(family, tmp_path, capsys):
 # ------------------------------------------------------------------ interrupted merges
 
 
+def _deepen(src: Path, dst: Path, layers: int, seed: int) -> Path:
+    """A `layers`-deep copy of a 2-layer tiny Llama (its layers repeated, plus seeded noise):
+    a valid model directory with many tensors, written without building the model."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    (dst / "config.json").write_text(json.dumps(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if ".layers." not in name:
+            tensors[name] = t + 0.01 * torch.randn(t.shape, generator=gen)
+        elif name.startswith("model.layers.0."):
+            for i in range(layers):
+                tensors[name.replace(".layers.0.", f".layers.{i}.")] = t + 0.01 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 @pytest.fixture(scope="module")
 def big_family(tmp_path_factory):
-    """Enough tensors (32 layers) that a merge is mid-write for a while."""
-    return make_tiny_family(tmp_path_factory.mktemp("big"), n_finetunes=2, layers=32, hidden=128)
+    """Enough tensors (32 layers of width 128) that a merge is mid-write for a while."""
+    root = tmp_path_factory.mktemp("big")
+    seed_model = make_tiny_llama(root / "seed", 0, hidden=128)
+    return {name: _deepen(seed_model, root / name, 32, i) for i, name in enumerate(("base", "ft1", "ft2"))}
 
 
 def _start(cfg_path: Path, out: Path) -> subprocess.Popen:
@@ -218,30 +241,21 @@ def test_sigterm_mid_write_leaves_nothing(big_family, tmp_path):
     assert not tmp.exists() and not out.exists() and not _leftovers(tmp_path)
 
 
-def test_sigkill_leftover_is_removed_by_the_next_merge(big_family, tmp_path, capsys):
-    out = tmp_path / "out"
-    cfg_path = _write(tmp_path, _cfg(big_family))
-    proc, tmp = _stopped_mid_write(cfg_path, out)
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert tmp.is_dir() and any(tmp.glob("*.safetensors"))  # what SIGKILL leaves
-    assert main(["merge", str(cfg_path), str(out), "--no-progress"]) == 0
-    assert f"removed {tmp.name}" in capsys.readouterr().err
-    assert not tmp.exists() and not _leftovers(tmp_path)
-    assert LazyModelReader(out).names()
-
-
-def test_a_running_merges_temp_dir_is_kept(big_family, tmp_path):
+def test_running_merges_temp_dir_is_kept_killed_ones_is_removed(big_family, tmp_path, capsys):
     out = tmp_path / "out"
     cfg_path = _write(tmp_path, _cfg(big_family))
     proc, tmp = _stopped_mid_write(cfg_path, out)
     try:
-        assert main(["merge", str(cfg_path), str(out), "--no-progress", "--overwrite"]) == 0
-        assert tmp.is_dir()  # the frozen merge is alive: its directory is not stale
+        # another merge to the same OUT_DIR while the frozen one is alive: its directory is kept
+        assert main(["merge", str(cfg_path), str(out), "--no-progress"]) == 0
+        assert tmp.is_dir() and "removed" not in capsys.readouterr().err
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert not _leftovers(tmp_path) and json.loads((out / "config.json").read_text())
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert tmp.is_dir() and any(tmp.glob("*.safetensors"))  # what SIGKILL leaves
+    assert main(["merge", str(cfg_path), str(out), "--no-progress", "--overwrite"]) == 0
+    assert f"removed {tmp.name}" in capsys.readouterr().err
+    assert not tmp.exists() and not _leftovers(tmp_path)
+    assert LazyModelReader(out).names() and json.loads((out / "config.json").read_text())
