@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import types
@@ -227,6 +228,9 @@ def test_bad_run_fails_before_anything_is_written(case, family, mixtral, flow, t
     assert rc == 2, err
     assert not flow.calls, "the flow started"
     assert not (tmp_path / "runs").exists(), "a run directory was written"
+    if os.environ.get("EVOMERGE_MATRIX_LOG"):  # collects the observed lines for docs/reliability.md
+        with open(os.environ["EVOMERGE_MATRIX_LOG"], "a", encoding="utf-8") as log:
+            log.write(json.dumps({"case": case, "rc": rc, "error": lines[0].replace(str(tmp_path), "$TMP")}) + "\n")
 
 
 def test_corrected_config_starts_without_no_resume(family, flow, tmp_path, capsys, monkeypatch):
