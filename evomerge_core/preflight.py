@@ -72,8 +72,9 @@ def check_in_place_names(path: Path, ref: str) -> None:
     if missing:
         raise SourceError(
             f"model {ref!r} is a {arch} whose stored tensor names differ from the ones transformers loads "
-            f"(e.g. {missing[0]}), so evolve cannot merge its candidates in place; `evomerge merge` can merge "
-            "it, evolve cannot yet: choose models of another family (e.g. Llama, Mistral, Qwen2)")
+            f"(e.g. {missing[0]}), so evolve cannot merge its candidates in place; evolve does not support this "
+            "family yet (`evomerge merge` can merge it with a fixed recipe): choose models of another family "
+            "(e.g. Llama, Mistral, Qwen2)")
 
 
 def check_device_present(config: RunConfig) -> None:
