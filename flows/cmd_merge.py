@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from evomerge_core.merge.engine import check_device, check_out_dir, check_shard_size, merge_to_dir, parse_dtype
-from evomerge_core.merge.outdir import remove_stale_temp_dirs
+from evomerge_core.merge.outdir import check_not_a_source, remove_stale_temp_dirs
 from evomerge_core.architectures import num_hidden_layers
 from evomerge_core.errors import ConfigError
 from evomerge_core.io import read_config
@@ -72,9 +72,11 @@ def _run(args: argparse.Namespace) -> int:
         parse_dtype(args.dtype)
     check_device(args.device)
     check_shard_size(args.shard_size)
-    check_out_dir(args.out_dir, args.overwrite)
     plan = plan_recipe(recipe)
     refs = ([plan.reference] if plan.reference not in plan.inputs else []) + list(plan.inputs)
+    local = {ref: Path(ref.removeprefix("file://")).expanduser() for ref in refs}
+    check_not_a_source(args.out_dir, {ref: path for ref, path in local.items() if path.is_dir()})
+    check_out_dir(args.out_dir, args.overwrite)
     token = os.environ.get("HF_TOKEN")
     sources = {
         ref: resolve_source(ref, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir, token=token) for ref in refs

@@ -217,7 +217,6 @@ def merge_to_dir(
     plan = plan_recipe(recipe)
     check_device(device)
     check_shard_size(shard_size)
-    check_out_dir(out_dir, overwrite)
     needed = ([plan.base] if plan.base else []) + list(plan.inputs)
     if plan.reference not in needed:
         needed.insert(0, plan.reference)
@@ -225,6 +224,7 @@ def merge_to_dir(
     if missing:
         raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
     check_not_a_source(out_dir, {m: Path(sources[m]) for m in needed})
+    check_out_dir(out_dir, overwrite)
     tok_ref = tokenizer_ref(recipe, plan)
     info = validate_sources({m: Path(sources[m]) for m in needed}, base=plan.reference)
     check_filters(recipe, list(info.tensor_shapes))

@@ -84,9 +84,10 @@ def test_a_source_can_never_be_the_output(family, tmp_path, capsys, where):
         out.mkdir()
         (out / "x").write_text("x")
     before = _digest(Path(f["ft1"]))
-    assert _run(tmp_path, cfg, out, "--overwrite") == 2
-    err = capsys.readouterr().err
-    assert len(_errors(err)) == 1 and "source model" in err and "never writes over its inputs" in err, err
+    for extra in ([], ["--overwrite"]):  # the source error comes first, not "pass --overwrite"
+        assert _run(tmp_path, cfg, out, *extra) == 2
+        err = capsys.readouterr().err
+        assert len(_errors(err)) == 1 and "source model" in err and "never writes over its inputs" in err, err
     assert _digest(Path(f["ft1"])) == before
     assert not _leftovers(Path(out).parent)
 
