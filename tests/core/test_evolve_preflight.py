@@ -308,3 +308,13 @@ def test_toyworld_example_passes_every_check_on_a_fresh_copy(flow, tmp_path, cap
     assert call["config"]["sources"][0]["model"] == "./toyworld/models/base"
     assert main(["toyworld"]) == 0  # a second call keeps the copy
     assert "is up to date" in capsys.readouterr().out
+
+
+def test_toyworld_never_replaces_a_folder_that_is_not_its_copy(tmp_path, capsys):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("x")
+    rc = main(["toyworld", "--out", str(keep)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --out ") and "not a toy-world copy" in err
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
