@@ -1,5 +1,5 @@
 """Supply-chain guards: weights load from safetensors only (pickle `.bin` needs an explicit
-`--allow-pickle`, and is then read with `weights_only=True`), no `trust_remote_code` anywhere,
+`--allow-pickle`, or `allow_pickle: true` on an evolve source, and is then read with `weights_only=True`), no `trust_remote_code` anywhere,
 and nothing in the code unpickles data it did not write with a restricted unpickler.
 
 The run store's side (a pickled payload planted in the store is refused, never executed) is
@@ -93,8 +93,11 @@ def test_allowed_pickle_with_code_is_refused_and_not_run(tmp_path):
     assert not marker.exists()
 
 
-def test_evolve_sources_never_allow_pickle():
-    # The evolve / DFS / VLM runs resolve sources without allow_pickle (safetensors only).
+def test_evolve_sources_allow_pickle_only_when_the_source_says_so():
+    # The evolve / DFS / VLM runs resolve sources with each source's own opt-in
+    # (`sources[].allow_pickle`, default false); `evomerge merge` with --allow-pickle.
+    from evomerge_core.config import SourceSpec
+
     calls = [(name, m.group(0)) for name, text in _code().items() for m in re.finditer(r"resolve_source\([^)]*\)", text)
              if name != "evomerge_core/sources.py"]
     assert calls
@@ -103,3 +106,5 @@ def test_evolve_sources_never_allow_pickle():
         if name != "flows/cmd_merge.py":
             assert "allow_pickle" not in call, (name, call)
     assert "allow_pickle=args.allow_pickle" in _code()["flows/cmd_merge.py"]
+    assert "allow_pickle=spec.allow_pickle" in _code()["evomerge_core/sources.py"]
+    assert SourceSpec(model="org/name").allow_pickle is False
