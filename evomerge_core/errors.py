@@ -38,3 +38,9 @@ class StorageError(EvomergeError):
 
 class StorageURLError(StorageError, UsageError):
     """A storage URL is malformed or uses an unsupported form (bad input: exit code 2)."""
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    """True for an error the user must fix in the input (exit code 2, docs/reliability.md "Exit
+    codes"): running the same thing again, or retrying it, cannot help."""
+    return isinstance(exc, EvomergeError) and exc.exit_code == 2

@@ -61,6 +61,13 @@ def test_every_error_class_has_a_code_of_the_rule():
     assert {sub.exit_code for sub in all_subclasses(EvomergeError)} <= {BAD_INPUT, FAILED}
 
 
+def test_is_bad_input_follows_the_rule():
+    from evomerge_core.errors import is_bad_input
+
+    assert all(is_bad_input(cls("x")) == (code == BAD_INPUT) for cls, code in RULE.items())
+    assert not is_bad_input(ValueError("not ours"))
+
+
 def test_disk_full_interrupt_and_usage(monkeypatch, capsys):
     monkeypatch.setattr(cmd_toyworld, "run", _raising(OSError(errno.ENOSPC, "No space left on device")))
     assert main(["toyworld"]) == FAILED
