@@ -25,6 +25,7 @@ import torch
 from evomerge_core.dataflow import DecoderFamily, check_pair, scale_tensor
 from evomerge_core.errors import MergeError, SourceError
 from evomerge_core.io import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
+from evomerge_core.merge.outdir import umask_permissions
 from evomerge_core.spaces.dfs import DFSRecipe
 
 RECIPE_FILE = "evomerge_dfs_recipe.yaml"
@@ -84,6 +85,7 @@ def materialise_dfs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     writer = ShardedWriter(tmp, plan, shard_size)
     try:
+        umask_permissions(tmp)  # mkdtemp makes 0700
         for item in plan:
             reader, src_name, scale = sources_of[item.name]
             tensor = reader.get(src_name).to(item.dtype)

@@ -335,6 +335,9 @@ def stage_folder(pub: Publication, out_dir: str | Path, *, shard_size: int = DEF
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        from evomerge_core.merge.outdir import umask_permissions
+
+        umask_permissions(tmp)  # mkdtemp makes 0700
         _stage_weights(pub.model_dir, tmp, shard_size)
         for name in AUX_FILES:  # config, generation config, tokenizer and processor files
             if (pub.model_dir / name).is_file():

@@ -87,3 +87,23 @@ def test_public_path_helpers_leave_hub_ids_and_urls_alone():
     assert _public_path("file:///home/me/data") == "data"
     assert _public_path("SakanaAI/gsm8k-ja-test_250-1319") == "SakanaAI/gsm8k-ja-test_250-1319"
     assert _public_path("s3://bucket/data.jsonl") == "s3://bucket/data.jsonl"
+
+
+def test_staged_publish_folder_has_umask_permissions(tmp_path):
+    import os
+
+    from evomerge_core.publish import plan_publication, stage_folder
+
+    family = make_tiny_family(tmp_path / "models", n_finetunes=1)
+    cfg = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 0.5}},
+                                                 {"model": str(family["ft1"]), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(tmp_path / "cfg.yaml"), str(tmp_path / "merged"), "--no-progress"]) == 0
+    pub = plan_publication(tmp_path / "merged", "me/merged", force_license=True, fetch_readme=lambda r, v: None)
+    old = os.umask(0o022)
+    try:
+        out = stage_folder(pub, tmp_path / "staged")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755 and (out / "README.md").is_file()
+    assert str(tmp_path) not in (out / "recipe.yaml").read_text()

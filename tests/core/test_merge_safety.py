@@ -260,3 +260,15 @@ def test_running_merges_temp_dir_is_kept_killed_ones_is_removed(big_family, tmp_
     assert f"removed {tmp.name}" in capsys.readouterr().err
     assert not tmp.exists() and not _leftovers(tmp_path)
     assert LazyModelReader(out).names() and json.loads((out / "config.json").read_text())
+
+
+def test_dfs_output_has_umask_permissions(family, tmp_path):
+    from evomerge_core.dataflow_export import materialise_dfs
+    from evomerge_core.spaces.dfs import DFSRecipe
+
+    old = os.umask(0o022)
+    try:
+        out = materialise_dfs(DFSRecipe.identity("A", "B", 2), {"A": family["base"], "B": family["ft1"]}, tmp_path / "dfs")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
