@@ -26,6 +26,7 @@ from evomerge_core.dataflow import DecoderFamily, check_pair, scale_tensor
 from evomerge_core.errors import MergeError, SourceError
 from evomerge_core.io import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
 from evomerge_core.merge.outdir import umask_permissions
+from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.spaces.dfs import DFSRecipe
 
 RECIPE_FILE = "evomerge_dfs_recipe.yaml"
@@ -97,6 +98,7 @@ def materialise_dfs(
         copy_files(dir_a, tmp, ["generation_config.json"])
         copy_files(dir_a, tmp, TOKENIZER_FILES)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        write_source_record(tmp, {recipe.model_a: dir_a, recipe.model_b: dir_b})  # Hub commits, for the card
         replace_dir(tmp, out_dir)
     except BaseException:
         writer.abort()
