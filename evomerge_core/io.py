@@ -332,8 +332,10 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move a fully written `tmp` directory to `out_dir`; an existing `out_dir` is swapped
     aside first and deleted only once the new one is in place (readers never see a half dir)."""
+    from evomerge_core.merge.outdir import temp_prefix  # host and pid in the name: see merge/outdir.py
+
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir, "old"), dir=out_dir.parent))
         os.replace(out_dir, old / "previous")
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)

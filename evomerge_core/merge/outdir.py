@@ -1,8 +1,9 @@
 """The output directory of a merge: never a source, built in a temporary sibling, nothing left.
 
-A merge writes into `.{OUT}.tmp-{host}-{pid}-{random}` next to `OUT` and renames it at the end.
+A merge writes into `.{OUT}.tmp-{host}-{pid}-{random}` next to `OUT` and renames it at the end
+(an existing `OUT` is first moved aside into `.{OUT}.old-{host}-{pid}-{random}` and deleted).
 The host and pid in the name let a later merge to the same `OUT` tell a directory left by a
-killed merge (its pid is gone on this host: removed) from one a running merge is still writing
+killed merge (its pid is gone on this host: removed) from one a running merge is still using
 (kept). Directories of other hosts (a shared filesystem) are never touched.
 """
 
@@ -22,11 +23,16 @@ from typing import Mapping
 
 from evomerge_core.errors import MergeError, UsageError
 
-_TEMP_RE = re.compile(r"^\.(?P<out>.+)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]+$")
+_TEMP_RE = re.compile(r"^\.(?P<out>.+)\.(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]+$")
 
 
 def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_prefix(out_dir: Path, kind: str = "tmp") -> str:
+    """The `mkdtemp` prefix of a temporary sibling of `out_dir` (`kind`: tmp or old)."""
+    return f".{Path(out_dir).name}.{kind}-{_host_tag()}-{os.getpid()}-"
 
 
 def check_not_a_source(out_dir: Path, sources: Mapping[str, Path]) -> None:
@@ -68,7 +74,8 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
         return []
     host = _host_tag()
     removed = []
-    for entry in parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+    name = glob.escape(out_dir.name)
+    for entry in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
         match = _TEMP_RE.match(entry.name)
         if not match or match["out"] != out_dir.name or match["host"] != host or not entry.is_dir():
             continue
@@ -86,7 +93,7 @@ def make_temp_dir(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_host_tag()}-{os.getpid()}-", dir=out_dir.parent))
+        return Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), dir=out_dir.parent))
     except OSError as exc:
         raise MergeError(f"cannot create output directory {out_dir} ({exc.strerror or exc}); choose a writable path") from None
 

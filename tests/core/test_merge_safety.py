@@ -272,3 +272,25 @@ def test_dfs_output_has_umask_permissions(family, tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_cleanup_takes_only_dead_merges_of_this_out_dir_on_this_host(tmp_path):
+    from evomerge_core.merge.outdir import remove_stale_temp_dirs, temp_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = temp_prefix(tmp_path / "out").split("-")[1]
+    names = {
+        f".out.tmp-{host}-{dead.pid}-a": False,  # a killed merge's output in progress
+        f".out.old-{host}-{dead.pid}-b": False,  # a killed merge's previous output, moved aside
+        f".out.tmp-{host}-{os.getppid()}-c": True,  # a live process
+        f".out.tmp-00000000-{dead.pid}-d": True,  # another host (shared filesystem)
+        f".other.tmp-{host}-{dead.pid}-e": True,  # another output directory
+        ".out.tmp-abc": True,  # not ours
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    removed = remove_stale_temp_dirs(tmp_path / "out")
+    assert sorted(p.name for p in removed) == sorted(n for n, kept in names.items() if not kept)
+    assert {n: (tmp_path / n).exists() for n in names} == names
