@@ -19,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="budget-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 VARIANTS: dict[str, dict | None] = {
     "full": None,
@@ -55,7 +56,7 @@ def main() -> None:
     names = sys.argv[1].split(",")
     seeds = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 and not sys.argv[2].startswith("--") else "0,1,2").split(",")]
     test = "--test" in sys.argv
-    zoo = build_zoo("demo")
+    zoo = build_zoo(os.environ.get("BUDGET_ZOO", "demo"))
     root = Path(tempfile.mkdtemp(prefix="budget-demo-"))
     for name in names:
         for seed in seeds:

@@ -6,6 +6,8 @@
         per seed, PS+DFS as one chained run (the real `evolve` flow): stage "ps" is the PS row,
             stage "dfs" (A = the PS model, B = the JA model) the PS+DFS row
         per seed, DFS through the JA and the skill model, and the same with every scale fixed to 1
+        per seed, the PS search with the evaluation budget (fitness.budget) and with random
+            minibatches of the same budget ("budget" in `spaces`)
         per seed, the VLM search (`evomerge.flows.demo_vlm`)
       each job scores its runs' best models on the test splits
     write results.md / results.json / fitness.png (and the VLM table when asked)
@@ -31,6 +33,7 @@ from evomerge_core.toyworld.demo import (
     DEFAULT_WORKERS,
     SPACES,
     baseline_recipes,
+    budget_search_config,
     dfs_search_config,
     psdfs_search_config,
     render_table,
@@ -41,10 +44,13 @@ from evomerge_core.toyworld.demo import (
 SOURCE_ROWS = ("base", "skill_a", "skill_b", "lang")
 ROW_NAMES = {
     "ps": "evolved PS (DARE-TIES, CMA-ES)",
+    "ps_budget": "evolved PS, budgeted (racing + IRT subset)",
+    "ps_random": "evolved PS, random minibatches of the same budget",
     "psdfs": "evolved PS+DFS (A = PS model, B = lang)",
     "dfs": "evolved DFS (A = lang, B = skill_a)",
     "dfs_noscale": "evolved DFS, scales fixed to 1 (ablation)",
 }
+BUDGETED = {"ps_budget": True, "ps_random": "random"}  # results.json's "budgeted" mark of a row
 
 
 class _Evolved:
@@ -55,18 +61,25 @@ class _Evolved:
         self.evaluated = 0
         self.seconds = 0.0
         self.seeds = 0
+        self.cost: dict[str, list[int]] = {"items_evaluated": [], "generated_tokens": []}  # per seed
 
-    def add(self, scores: dict[str, float], evaluated: int, seconds: float) -> None:
+    def add(self, scores: dict[str, float], evaluated: int, seconds: float, cost: dict[str, int] | None = None) -> None:
         for task_name, value in scores.items():
             self.scores.setdefault(task_name, []).append(value)
+        for key, values in self.cost.items():
+            values.append(int((cost or {}).get(key, 0)))
         self.evaluated += evaluated
         self.seconds += seconds
         self.seeds += 1
 
     def row(self, kind: str) -> dict[str, Any]:
         n = max(self.seeds, 1)
-        return {"name": f"{ROW_NAMES[kind]}, {self.seeds} seed{'s' if n > 1 else ''}", "kind": "evolved",
-                "space": kind, "scores": self.scores, "evaluated": self.evaluated // n, "seconds": self.seconds / n}
+        row = {"name": f"{ROW_NAMES[kind]}, {self.seeds} seed{'s' if n > 1 else ''}", "kind": "evolved",
+               "space": kind, "scores": self.scores, "evaluated": self.evaluated // n, "seconds": self.seconds / n,
+               **self.cost}
+        if kind in BUDGETED:
+            row["budgeted"] = BUDGETED[kind]
+        return row
 
 
 def _jobs(seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -77,6 +90,7 @@ def _jobs(seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
             jobs.append(("psdfs", seed))
         elif "ps" in spaces:
             jobs.append(("ps", seed))
+    jobs += [(kind, seed) for seed in range(seeds) for kind in ("ps_budget", "ps_random") if "budget" in spaces]
     jobs += [("vlm", seed) for seed in range(seeds) if "vlm" in spaces]
     jobs += [(kind, seed) for seed in range(seeds) for kind in ("dfs", "dfs_noscale") if "dfs" in spaces]
     return jobs
@@ -120,7 +134,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
         if result.get("curve") is not None:
             curves.append(result["curve"])
         for kind, part in result["rows"].items():
-            evolved[kind].add(part["scores"], part["evaluated"], part["seconds"])
+            evolved[kind].add(part["scores"], part["evaluated"], part["seconds"], part.get("cost"))
     rows += [evolved[kind].row(kind) for kind in ROW_NAMES if evolved[kind].seeds]
     vlm_rows = None
     if "vlm" in spaces:
@@ -177,19 +191,29 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
                 curve = stage["generations"]
             scores = score_evolved.fn(zoo_root, f"{storage}/{key}/stages", str(index),
                                       str(out / "evolved" / kind / f"seed{seed}"))
-            rows[kind] = {"scores": scores, "evaluated": stage["evaluations"], "seconds": search_seconds(stage)}
+            rows[kind] = {"scores": scores, "evaluated": stage["evaluations"], "seconds": search_seconds(stage),
+                          "cost": stage.get("cost")}
     elif name == "ps":
         key = f"demo-{size}-seed{seed}"
         result = _run(search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=key), key)
         curve = result["generations"]
         scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / "ps" / f"seed{seed}"))
-        rows["ps"] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
+        rows["ps"] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
+                      "cost": result.get("cost")}
+    elif name in ("ps_budget", "ps_random"):
+        key = f"demo-{size}-{name}-seed{seed}"
+        result = _run(budget_search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=key,
+                                           kind="budget" if name == "ps_budget" else "random"), key)
+        scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / name / f"seed{seed}"))
+        rows[name] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
+                      "cost": result.get("cost")}
     elif name in ("dfs", "dfs_noscale"):
         key = f"demo-{size}-{name}-seed{seed}"
         result = _run(dfs_search_config(zoo, seed=seed, evaluations=dfs_evaluations, storage=storage, run_key=key,
                                         scales="matrix" if name == "dfs" else "none"), key)
         scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / name / f"seed{seed}"))
-        rows[name] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result)}
+        rows[name] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
+                      "cost": result.get("cost")}
     else:
         raise ValueError(f"unknown demo search job {name!r}")
     return {"rows": rows, "curve": curve}

@@ -23,7 +23,7 @@ TABLE_TASKS = ("union", "skill", "lang", "cross")
 DEFAULT_EVALUATIONS = 144  # 16 generations of the default population (9 for 6 genes); 288 is
 # one validation point better (docs/demo-tuning.md) but does not fit the 5-minute demo budget.
 DEFAULT_DFS_EVALUATIONS = 96  # per DFS search (PS+DFS's DFS stage, DFS, DFS with scales 1)
-SPACES = ("ps", "psdfs", "dfs", "vlm")  # the evolved rows `evomerge demo` runs by default
+SPACES = ("ps", "psdfs", "dfs", "vlm", "budget")  # the evolved rows `evomerge demo` runs by default
 # Processes the demo's searches run in side by side: each search is single-threaded Python-bound
 # work on a tiny model (one process keeps ~1.1 of 2 cores busy), so two halve the wall time.
 DEFAULT_WORKERS = 2
@@ -48,6 +48,33 @@ def _fitness(zoo: Zoo) -> dict[str, Any]:
 # Toy candidates take ~0.2 s: a whole generation per Prefect task run keeps Prefect's own
 # per-task-run work (~0.1-0.3 s) from doubling the demo's time. Never changes results.
 _RUNTIME = {"device": "cpu", "dtype": "float32", "task_runner": {"candidates_per_task": "auto"}}
+
+
+# "evolved PS, budgeted" (fitness.budget, docs/budget.md; figures in docs/benchmarks.md): one
+# calibration generation on every train item, then an IRT subset of 24 items raced in rounds
+# of 8; the 3 best candidates by budgeted fitness are scored on the whole train split before
+# the best is chosen. Calibration, final check and ~16 items per later candidate: ~16% of the
+# full search's items.
+DEMO_BUDGET: dict[str, Any] = {"subset": {"size": 24, "include_sources": False},
+                               "racing": {"slice": 8, "min_items": 8}, "final_candidates": 3}
+# Its random baseline: per-generation random minibatches (fitness.minibatch) of about the same
+# items in all (144 x 27 + the same final check), the best chosen the same way.
+DEMO_RANDOM_MINIBATCH = 27
+
+
+def budget_search_config(zoo: Zoo, *, seed: int, evaluations: int, storage: str, run_key: str,
+                         kind: str) -> dict[str, Any]:
+    """The demo's PS search with the evaluation budget (`kind` "budget") or with random
+    minibatches of the same budget (`kind` "random")."""
+    config = search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=run_key)
+    if kind == "budget":
+        config["fitness"]["budget"] = json.loads(json.dumps(DEMO_BUDGET))
+    elif kind == "random":
+        config["fitness"]["minibatch"] = DEMO_RANDOM_MINIBATCH
+        config["fitness"]["budget"] = {"final_candidates": DEMO_BUDGET["final_candidates"]}
+    else:
+        raise ValueError(f"unknown budget kind {kind!r}; use budget or random")
+    return config
 
 
 def _ps_space(seed: int) -> dict[str, Any]:
@@ -155,14 +182,16 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     Each row: name, scores {task: [values over seeds]}, evaluated (candidates), seconds (of
     the search, per seed).
     """
-    header = "| model | UNION | CROSS | skill (EN add) | lang (JA read) | candidates | search s |"
-    lines = [header, "|" + "---|" * 7]
+    header = ("| model | UNION | CROSS | skill (EN add) | lang (JA read) | candidates | search s "
+              "| tokens per search |")
+    lines = [header, "|" + "---|" * 8]
     for row in rows:
         s = row["scores"]
         seconds = f"{row['seconds']:.0f}" if row.get("kind") == "evolved" else "-"
+        tokens = f"{statistics.fmean(row['generated_tokens']):,.0f}" if row.get("generated_tokens") else "-"
         lines.append(
             f"| {row['name']} | {_cell(s['union'])} | {_cell(s['cross'])} | {_cell(s['skill'])} | "
-            f"{_cell(s['lang'])} | {row.get('evaluated', '-')} | {seconds} |"
+            f"{_cell(s['lang'])} | {row.get('evaluated', '-')} | {seconds} | {tokens} |"
         )
     return "\n".join(lines)
 
@@ -193,6 +222,7 @@ def check_claims(rows: list[dict[str, Any]], vlm_rows: list[dict[str, Any]] | No
             f"evolved PS vs best source model on UNION test: {100 * (ps - best_source):+.1f} points (target >= +15)",
             f"evolved PS vs best unoptimised merge on UNION test: {100 * (ps - best_merge):+.1f} points (target >= +5)",
         ]
+    claims += _budget_claims(rows)
     psdfs = _mean_of(rows, "union", kind="evolved", space="psdfs")
     if ps is not None and psdfs is not None:
         claims.append(f"evolved PS+DFS vs evolved PS on UNION test: {100 * (psdfs - ps):+.1f} points (target >= 0)")
@@ -208,6 +238,23 @@ def check_claims(rows: list[dict[str, Any]], vlm_rows: list[dict[str, Any]] | No
                 claims.append(f"evolved VLM vs {what} on JA test: {100 * (evolved - other):+.1f} ROUGE-L points "
                               "(target > 0)")
     return claims
+
+
+def _budget_claims(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 22's margins: the budgeted PS search against the full one and random minibatches."""
+    found = {r.get("space"): r for r in rows if r.get("kind") == "evolved"}
+    full, budgeted, random_ = found.get("ps"), found.get("ps_budget"), found.get("ps_random")
+    if full is None or budgeted is None or not full.get("generated_tokens"):
+        return []
+    union = {k: statistics.fmean(r["scores"]["union"]) for k, r in found.items()}
+    share = sum(budgeted["generated_tokens"]) / sum(full["generated_tokens"])
+    out = [f"budgeted PS vs evolved PS on UNION test: {100 * (union['ps_budget'] - union['ps']):+.1f} points "
+           "(target >= -1)",
+           f"budgeted PS generated tokens: {100 * share:.1f}% of evolved PS's (target <= 20%)"]
+    if random_ is not None:
+        out.append(f"budgeted PS vs random minibatches of the same budget on UNION test: "
+                   f"{100 * (union['ps_budget'] - union['ps_random']):+.1f} points (target >= 0)")
+    return out
 
 
 def write_outputs(out_dir: Path, rows: list[dict[str, Any]], curves: list[list[dict[str, Any]]],

@@ -83,3 +83,19 @@ def test_searches_are_split_into_independent_jobs_longest_first():
         ("psdfs", 0), ("psdfs", 1), ("vlm", 0), ("vlm", 1),
         ("dfs", 0), ("dfs_noscale", 0), ("dfs", 1), ("dfs_noscale", 1)]
     assert _jobs(1, ("ps",)) == [("ps", 0)]  # PS alone: its own job (psdfs includes it otherwise)
+
+
+def test_budget_rows_are_jobs_with_their_cost_per_seed_and_marks():
+    from evomerge.flows.demo import _Evolved, _jobs
+
+    assert _jobs(2, ("ps", "budget")) == [("ps", 0), ("ps", 1), ("ps_budget", 0), ("ps_random", 0),
+                                          ("ps_budget", 1), ("ps_random", 1)]
+    rows = {}
+    for kind in ("ps", "ps_budget", "ps_random"):
+        evolved = _Evolved()
+        for seed in range(2):
+            evolved.add({"union": 0.5}, 144, 1.0, {"items_evaluated": 100 * (seed + 1), "generated_tokens": 7 + seed})
+        rows[kind] = evolved.row(kind)
+    assert rows["ps"]["items_evaluated"] == [100, 200] and rows["ps"]["generated_tokens"] == [7, 8]
+    assert "budgeted" not in rows["ps"]
+    assert rows["ps_budget"]["budgeted"] is True and rows["ps_random"]["budgeted"] == "random"
