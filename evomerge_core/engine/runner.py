@@ -211,7 +211,7 @@ class GenerationEngine:
         max_len = max(len(encoded[i]) + caps[i] for i in todo)
         vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
             else model.config.get_text_config().vocab_size
-        detector = StopDetector(tokenizer, stop_strings, vocab, [] if eos_id is None else [eos_id], self.device)
+        detector = self._detector_for(tokenizer, stop_strings, vocab, eos_id)
         self._ensure_buffers(slots, max_len, max(caps[i] for i in todo), len(detector.stops))
         self.reset()  # nothing of an earlier call (an earlier candidate) survives
         order = [i for i in self.history.order(prompts, [len(e) for e in encoded], caps) if caps[i] > 0]
@@ -273,6 +273,16 @@ class GenerationEngine:
                            "generated_tokens": sum(len(t) for t in tokens), "graphs": len(self._graphs),
                            "kv_bytes": self.cache.nbytes()}
         return tokens, stopped
+
+    def _detector_for(self, tokenizer, stop_strings: Sequence[str], vocab: int, eos_id: int | None) -> StopDetector:
+        """The stop detector of this call; the previous one when nothing changed, because captured
+        graphs read its tables by address (a new detector drops the graphs)."""
+        key = (id(tokenizer), tuple(s for s in stop_strings if s), vocab, eos_id)
+        if getattr(self, "_detector_key", None) != key:
+            self._graphs.clear()
+            self._detector = StopDetector(tokenizer, stop_strings, vocab, [] if eos_id is None else [eos_id], self.device)
+            self._detector_key = key
+        return self._detector
 
     def _harvest_view(self) -> tuple[list[bool], list[bool], list[int]]:
         """Done flags, stop-only flags and token counts of every slot (one device-to-host copy)."""

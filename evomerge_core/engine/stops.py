@@ -40,39 +40,28 @@ def token_texts(tokenizer, vocab: int) -> list[str]:
     return texts
 
 
-def _kmp_failure(s: str) -> list[int]:
-    fail = [0] * len(s)
-    k = 0
-    for i in range(1, len(s)):
-        while k and s[i] != s[k]:
-            k = fail[k - 1]
-        if s[i] == s[k]:
-            k += 1
-        fail[i] = k
-    return fail
-
-
 def _automaton(stop: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next_state[state, token], hit[state, token]) of `stop`'s KMP automaton over token texts."""
+    """(next_state[state, token], hit[state, token]) of `stop`'s KMP automaton over token texts.
+
+    State j means the text so far ends with ``stop[:j]`` (j < len(stop), the longest such j).
+    Reading a token's text from state j: the string completes if ``stop`` occurs in
+    ``stop[:j] + text``, and the new state is the longest proper prefix of ``stop`` that ends it.
+    """
     n, vocab = len(stop), len(texts)
-    fail = _kmp_failure(stop)
     chars = set(stop)
-    nxt = torch.zeros((n, vocab), dtype=torch.int32)
-    hit = torch.zeros((n, vocab), dtype=torch.bool)
+    nxt = [[0] * vocab for _ in range(n)]
+    hit = [[False] * vocab for _ in range(n)]
     for v, text in enumerate(texts):
-        if not text or not (chars & set(text)):
+        if not text or chars.isdisjoint(text):
             continue  # the automaton returns to state 0 and nothing completes
         for state in range(n):
-            k, done = state, False
-            for ch in text:
-                while k and ch != stop[k]:
-                    k = fail[k - 1]
-                if ch == stop[k]:
-                    k += 1
-                if k == n:
-                    done, k = True, fail[k - 1]
-            nxt[state, v], hit[state, v] = k, done
-    return nxt, hit
+            joined = stop[:state] + text
+            hit[state][v] = stop in joined
+            for j in range(min(n - 1, len(joined)), 0, -1):
+                if joined.endswith(stop[:j]):
+                    nxt[state][v] = j
+                    break
+    return torch.tensor(nxt, dtype=torch.int32), torch.tensor(hit, dtype=torch.bool)
 
 
 class StopDetector:

@@ -40,7 +40,7 @@ def hf_reference(model, encoded, caps) -> list[list[int]]:
     """Greedy `generate`, one prompt at a time (no padding), new tokens only."""
     out = []
     for ids, cap in zip(encoded, caps):
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=cap, do_sample=False,
                              eos_token_id=EOS, pad_token_id=PAD)
         out.append(gen[0, len(ids):].tolist())
