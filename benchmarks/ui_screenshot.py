@@ -9,6 +9,11 @@ Artifacts tab, so the artifacts are shot on their own pages, which link back to 
     python benchmarks/ui_screenshot.py [--out-dir docs/img] [--base-port 4200] [--flow-run-id ID]
     infra/local_stack.sh stop
 
+With `--deployment CONFIG.yaml` the run is instead a run of the `evolve-config/evolve` deployment
+(deployed with infra/deploy.sh, a worker of the evomerge-local pool running) on that config, and
+the pages shot are the deployment run's: its Logs tab, its candidate table and its best-recipe
+markdown with the inline fitness chart (docs/scale-out.md).
+
 Exits non-zero when the run fails, Chromium is missing, or the screenshot is not written.
 """
 
@@ -55,6 +60,24 @@ def run_evolution(api: str, dask: str, storage: str, run_key: str) -> str:
     return str(runs[0].id)
 
 
+def run_deployment(api: str, config_path: str, run_key: str) -> str:
+    """A run of the evolve-config/evolve deployment on `config_path`; returns its flow run id."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api) as client:
+        deployment = client.read_deployment_by_name("evolve-config/evolve")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={
+            "config_path": config_path, "run_key": run_key, "resume": False})
+        deadline = time.monotonic() + 900
+        while not (run := client.read_flow_run(run.id)).state.is_final():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the deployment run {run.name} did not finish in 900 s: {run.state}")
+            time.sleep(2)
+    if not run.state.is_completed():
+        raise SystemExit(f"the deployment run {run.name} did not complete: {run.state}")
+    return str(run.id)
+
+
 def screenshot(url: str, out: Path, wait_ms: int) -> None:
     """Headless Chromium screenshot of `url` (no network beyond loopback, throwaway profile)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -91,11 +114,15 @@ def main() -> int:
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("EVOMERGE_STACK_BASE_PORT", 4200)))
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "img")
     parser.add_argument("--flow-run-id", help="shoot this flow run instead of running a new evolution")
+    parser.add_argument("--deployment", metavar="CONFIG", help="run the evolve-config/evolve deployment on this "
+                        "config (a path on the worker) instead of `evomerge evolve` on the stack")
     parser.add_argument("--wait-ms", type=int, default=30000, help="virtual time each page gets to render")
     args = parser.parse_args()
     ui = f"http://127.0.0.1:{args.base_port}"
     api = f"{ui}/api"
     run_id = args.flow_run_id
+    if run_id is None and args.deployment:
+        run_id = run_deployment(api, args.deployment, run_key=f"ui-check-{int(time.time())}")
     if run_id is None:
         with tempfile.TemporaryDirectory() as tmp:
             run_id = run_evolution(api, f"tcp://127.0.0.1:{args.base_port + 1}", f"file://{tmp}/runs",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end check of infra/prefect.yaml: a throwaway Prefect server on 127.0.0.1, the
-# evomerge-local process work pool, `prefect deploy` of the evolve deployment, a process worker,
+# evomerge-local process work pool, `infra/deploy.sh` (deployments + automations), a process worker,
 # and `prefect deployment run` on a tiny run config; passes when the flow run completes and its
 # result.json is written. Everything it starts is stopped by PID on exit. About 1-3 minutes.
 set -euo pipefail
@@ -56,7 +56,7 @@ rows = [{"question": f"what is {i} plus 1? ", "target": str(i + 1)} for i in ran
 PY
 
 cd "$REPO"
-"$BIN/prefect" --no-prompt deploy --prefect-file infra/prefect.yaml --name evolve | tail -n 5
+bash infra/deploy.sh | tail -n 5
 setsid "$BIN/prefect" worker start --pool evomerge-local --limit 1 >"$WORK/worker.log" 2>&1 < /dev/null &
 PIDS+=($!)
 "$BIN/prefect" deployment run evolve-config/evolve --param "config_path=$WORK/run.yaml" --param run_key=deploy-check \
@@ -66,10 +66,9 @@ import sys
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 with get_client(sync_client=True) as client:
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["evolve-deploy-check"])))
-    assert len(runs) == 1 and runs[0].state.is_completed(), [(r.name, r.state) for r in runs]
-    parent = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["evolve-config-deploy-check"])))
-    assert len(parent) == 1 and parent[0].deployment_id is not None and parent[0].state.is_completed()
+    # the search runs in the deployment's own flow run (no child run)
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["evolve-config-deploy-check"])))
+    assert len(runs) == 1 and runs[0].deployment_id is not None and runs[0].state.is_completed(), [(r.name, r.state) for r in runs]
 from evomerge_core.runstore import RunStore
 result = RunStore(f"file://{sys.argv[1]}/runs", "deploy-check").read_json("result.json")
 assert len(result["history"]) == 8, len(result["history"])

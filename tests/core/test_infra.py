@@ -87,7 +87,7 @@ def test_bad_runner_configs_fail_with_one_clear_error(runner, runtime, message):
 def test_prefect_yaml_deployments_point_at_real_flows():
     spec = yaml.safe_load((REPO / "infra/prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"evolve", "evolve-gpu", "resume", "publish", "demo"}
+    assert set(deployments) == {"evolve", "evolve-gpu", "resume", "publish", "publish-run", "demo"}
     for d in deployments.values():
         path, func = d["entrypoint"].split(":")
         assert re.search(rf"^def {func}\(", (REPO / path).read_text(), re.M), d["entrypoint"]
