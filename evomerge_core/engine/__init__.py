@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -55,8 +56,11 @@ def generation_backend(name: str) -> Iterator[None]:
 def choose_backend(name: str | None, model: Any) -> str:
     """``engine`` or ``hf`` for `model` (`name` None: the surrounding `generation_backend`)."""
     name = name or _CHOICE.get()
+    if name == "auto":  # EVOMERGE_GENERATION=engine|hf overrides auto (e.g. to compare the demo on both)
+        name = os.environ.get("EVOMERGE_GENERATION", "auto") or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"generation backend must be one of {list(BACKENDS)}, got {name!r}")
+        raise ValueError(f"generation backend must be one of {list(BACKENDS)}, got {name!r} "
+                         "(runtime.generation, the backend argument or EVOMERGE_GENERATION)")
     if name == "hf":
         return name
     why = unsupported_reason(model)

@@ -94,3 +94,13 @@ def test_stream_sources_off_cuda_hands_tensors_over_in_order():
     got = list(stream_sources(sds, ["b", "w"], torch.device("cpu")))
     assert [n for n, _ in got] == ["b", "w"]
     assert got[1][1]["c"] is sds["c"]["w"]
+
+
+def test_environment_overrides_auto(monkeypatch):
+    model = tiny_llama()
+    monkeypatch.setenv("EVOMERGE_GENERATION", "engine")
+    assert choose_backend(None, model) == "engine"
+    assert choose_backend("hf", model) == "hf"  # an explicit choice wins
+    monkeypatch.setenv("EVOMERGE_GENERATION", "turbo")
+    with pytest.raises(ValueError, match="EVOMERGE_GENERATION"):
+        choose_backend(None, model)
