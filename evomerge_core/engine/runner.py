@@ -207,7 +207,9 @@ class GenerationEngine:
         todo = [i for i in range(n) if caps[i] > 0]
         if not todo:
             return tokens, stopped
-        slots = max(1, min(slots, len(todo)))
+        # On CUDA the slot count stays as asked, so buffers and graphs survive calls with fewer prompts
+        # (minibatches, racing slices); elsewhere idle slots would only cost compute.
+        slots = max(1, slots if self.device.type == "cuda" else min(slots, len(todo)))
         max_len = max(len(encoded[i]) + caps[i] for i in todo)
         vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
             else model.config.get_text_config().vocab_size
