@@ -70,7 +70,9 @@ def choose_backend(name: str | None, model: Any) -> str:
         return name
     # auto. On CPU the reference loop stays the default: float32 results then match earlier runs
     # bit for bit (the engine's differently shaped matmuls may round differently on near ties).
-    return "engine" if why is None and next(model.parameters()).device.type == "cuda" else "hf"
+    # Only plain causal LMs by default: a VLM or a DFS layer path keeps the reference loop unless asked.
+    causal_lm = type(model).__name__.endswith("ForCausalLM")
+    return "engine" if why is None and causal_lm and next(model.parameters()).device.type == "cuda" else "hf"
 
 
 def unsupported_reason(model: Any) -> str | None:
