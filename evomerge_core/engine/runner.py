@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -170,7 +171,12 @@ class GenerationEngine:
             return
         graph = self._graphs.get(width)
         if graph is None:
-            graph = self._graphs[width] = self._capture(model, detector, width)
+            try:
+                graph = self._graphs[width] = self._capture(model, detector, width)
+            except RuntimeError as exc:  # said once, then the same steps run eagerly (same results)
+                print(f"warning: CUDA graph capture failed, decoding without graphs: {exc}", file=sys.stderr)
+                self.use_graphs = False
+                return self._decode_chunk(model, detector, width, steps)
         for _ in range(steps):
             graph.replay()
 
@@ -178,20 +184,22 @@ class GenerationEngine:
         """A CUDA graph of one decode step at `width` (state saved around the warm-up runs)."""
         saved = {k: v.clone() for k, v in self._state.items()}
         saved_pos = self.cache.positions.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._decode_step(model, detector, width)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 self._decode_step(model, detector, width)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._decode_step(model, detector, width)
-        for k, v in saved.items():  # warm-up and capture ran the step: undo it
-            self._state[k].copy_(v)
-        self.cache.positions.copy_(saved_pos)
+        finally:
+            for k, v in saved.items():  # the warm-up steps advanced the state: undo them
+                self._state[k].copy_(v)
+            self.cache.positions.copy_(saved_pos)
         return graph
 
     # ------------------------------------------------------------------ one call

@@ -127,5 +127,6 @@ def test_in_place_weight_swap(family, tokenizer):
     assert swapped != first
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == addresses
     assert [t.data_ptr() for t in engine.cache.keys.values()] == cache_ptrs
+    assert len(engine.history) == len(PROMPTS)  # output lengths kept for the next candidate's order
     engine.reset()
     assert all(float(t.abs().sum()) == 0.0 for t in engine.cache.keys.values())
