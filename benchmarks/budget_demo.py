@@ -38,9 +38,17 @@ VARIANTS: dict[str, dict | None] = {
 def variant_config(zoo, name: str, seed: int, storage: str) -> dict:
     from evomerge_core.toyworld.demo import search_config
 
-    cfg = search_config(zoo, seed=seed, evaluations=144, storage=storage, run_key=f"{name}-seed{seed}")
+    from evomerge_core.toyworld.demo import budget_search_config
+
+    if name in ("budget", "random"):  # the demo's rows ("evolved PS, budgeted" and its random baseline)
+        cfg = budget_search_config(zoo, seed=seed, evaluations=144, storage=storage, run_key=f"{name}-seed{seed}",
+                                   kind=name)
+    else:
+        cfg = search_config(zoo, seed=seed, evaluations=144, storage=storage, run_key=f"{name}-seed{seed}")
     cfg["output"] = {"materialise_best": True, "report": False}
-    if name.startswith("mb"):  # random minibatches of the same budget: "mb<SIZE>"
+    if name in ("budget", "random"):
+        pass
+    elif name.startswith("mb"):  # random minibatches of the same budget: "mb<SIZE>"
         cfg["fitness"]["minibatch"] = int(name[2:])
         cfg["fitness"]["budget"] = {"final_candidates": 3}
     elif VARIANTS[name] is not None:
@@ -57,12 +65,17 @@ def main() -> None:
     seeds = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 and not sys.argv[2].startswith("--") else "0,1,2").split(",")]
     test = "--test" in sys.argv
     zoo = build_zoo(os.environ.get("BUDGET_ZOO", "demo"))
-    root = Path(tempfile.mkdtemp(prefix="budget-demo-"))
+    root = Path(os.environ.get("BUDGET_ROOT") or tempfile.mkdtemp(prefix="budget-demo-"))
     for name in names:
         for seed in seeds:
             storage = (root / "runs").as_uri()
             started = time.perf_counter()
-            result = evolve(variant_config(zoo, name, seed, storage), resume=False, run_key=f"{name}-seed{seed}")
+            cfg = variant_config(zoo, name, seed, storage)
+            try:  # BUDGET_ROOT + BUDGET_RESUME=1 continues runs of an earlier, interrupted call
+                result = evolve(cfg, resume=bool(os.environ.get("BUDGET_RESUME")), run_key=f"{name}-seed{seed}")
+            except Exception as exc:  # e.g. the ephemeral Prefect API died under load: resume once
+                print(f"retrying {name} seed {seed} after {type(exc).__name__}: {exc}", flush=True)
+                result = evolve(cfg, resume=True, run_key=f"{name}-seed{seed}")
             seconds = time.perf_counter() - started
             best = root / "best" / f"{name}-{seed}"
             RunStore(storage, f"{name}-seed{seed}").get_dir("best", best)

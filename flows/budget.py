@@ -86,7 +86,8 @@ def evaluate_generation(cfg: RunConfig, config: dict[str, Any], sources: dict[st
         return out
 
     racing = None if plan.is_calibration(budget, generation) else budget.racing
-    results, stopped = run_race(list(range(len(genomes))), rounds, evaluate, popsize // 2, racing)
+    results, stopped = run_race(list(range(len(genomes))), rounds, evaluate, popsize // 2, racing,
+                                plan.item_weights(state))
     base = [{"generation": generation, "index": i, "genome": [float(x) for x in g], "accuracy": None, "metrics": {}}
             for i, g in enumerate(genomes)]
     from evomerge_core.fitness.registry import get_scorer

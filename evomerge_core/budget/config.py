@@ -24,7 +24,10 @@ class SubsetConfig(_Strict):
     """An informative item subset, chosen once after the calibration generations."""
 
     size: int = Field(ge=1)  # items evaluated per candidate (before racing stops some)
-    method: Literal["irt", "random"] = "irt"  # irt: most informative items; random: a seeded draw
+    # irt: the most informative items of a 2PL / linear item model, full-set estimate from it;
+    # anchors: one item per cluster of alike items, weighted by cluster size (tinyBenchmarks);
+    # random: a seeded draw, plain mean
+    method: Literal["irt", "anchors", "random"] = "irt"
     include_sources: bool = True  # score each source model alone on the full train split too
 
 

@@ -135,3 +135,36 @@ def estimate(model: ItemModel, items: Sequence[int], values: Sequence[float]) ->
     seen[list(items)] = True
     total = float(np.sum(values)) + float(predicted[~seen].sum())
     return total / n if n else math.nan
+
+
+def anchor_items(results: Sequence[Sequence[float]], size: int, steps: int = 20) -> tuple[list[int], list[float]]:
+    """tinyBenchmarks' anchor points: cluster the items by their calibration response vectors
+    (centred per item, so items every model answers alike form one cluster), take the item
+    nearest each cluster centre as its anchor, weighted by the cluster's share of the items.
+    Deterministic (farthest-point start, then Lloyd steps). Returns anchors (heaviest first)
+    and their weights (summing to 1)."""
+    x = np.asarray(results, dtype=np.float64)
+    x = (x - x.mean(axis=0, keepdims=True)).T  # items x models
+    n = x.shape[0]
+    size = min(size, n)
+    centres = [int(np.argmax((x ** 2).sum(axis=1)))]
+    dist = ((x - x[centres[0]]) ** 2).sum(axis=1)
+    for _ in range(size - 1):
+        nxt = int(np.argmax(dist))
+        centres.append(nxt)
+        dist = np.minimum(dist, ((x - x[nxt]) ** 2).sum(axis=1))
+    c = x[centres].copy()
+    for _ in range(steps):
+        labels = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+        for k in range(size):
+            if (labels == k).any():
+                c[k] = x[labels == k].mean(axis=0)
+    labels = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+    anchors = []
+    for k in range(size):
+        members = np.where(labels == k)[0]
+        if len(members):
+            best = int(members[np.argmin(((x[members] - c[k]) ** 2).sum(axis=1))])
+            anchors.append((len(members), best))
+    anchors.sort(key=lambda t: (-t[0], t[1]))
+    return [a for _, a in anchors], [w / n for w, _ in anchors]

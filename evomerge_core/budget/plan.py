@@ -34,6 +34,7 @@ class BudgetState:
     item_model: dict[str, Any] | None = None
     subset: list[int] | None = None
     caps: list[int] | None = None
+    weights: list[float] | None = None  # subset.method anchors: each subset item's weight (sum 1)
     sources: dict[str, Any] = field(default_factory=dict)  # {"items_evaluated", "generated_tokens", "fitness"}
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +92,9 @@ def calibrate(budget: BudgetConfig, state: BudgetState, *, seed: int, max_new_to
                               "items; lower the size")
         model = irt.fit(state.calibration)
         state.item_model = model.to_dict()
-        if budget.subset.method == "irt":
+        if budget.subset.method == "anchors":
+            state.subset, state.weights = irt.anchor_items(state.calibration, size)
+        elif budget.subset.method == "irt":
             mean, std = model.scale
             thetas = [((sum(r) / len(r)) - mean) / std if std > 0 else 0.0 for r in state.calibration]
             state.subset = irt.select_items(model, thetas, size)
@@ -106,8 +109,20 @@ def calibrate(budget: BudgetConfig, state: BudgetState, *, seed: int, max_new_to
             state.caps.append(max(1, min(max_new_tokens, cap)))
 
 
+def item_weights(state: BudgetState) -> dict[int, float]:
+    """Racing compares candidates on weight * value per item: the anchors' weights scaled to
+    mean 1 (every item 1 for the other subsets)."""
+    if state.weights is None or state.subset is None:
+        return {}
+    k = len(state.subset)
+    return {j: w * k for j, w in zip(state.subset, state.weights)}
+
+
 def estimate(budget: BudgetConfig, state: BudgetState, items: list[int], values: list[float]) -> float:
     """A candidate's full-set estimate from its values on `items`."""
+    if state.weights is not None and len(items) < state.n_items:  # anchors: weighted mean of the seen ones
+        w = item_weights(state)
+        return sum(w[j] * v for j, v in zip(items, values)) / sum(w[j] for j in items)
     if state.item_model is not None and budget.subset is not None and budget.subset.method == "irt" \
             and len(items) < state.n_items:
         return irt.estimate(irt.ItemModel.from_dict(state.item_model), items, values)

@@ -77,10 +77,12 @@ def told_fitness(estimates: Mapping[int, float], stopped: set[int], failed: Mapp
 
 
 def run_race(indices: Sequence[int], rounds: Sequence[Sequence[int]], evaluate: Callable[[list[int], int], dict[int, dict[str, Any]]],
-             mu: int, racing: Any | None) -> tuple[dict[int, list[dict[str, Any]]], dict[int, int]]:
+             mu: int, racing: Any | None, weights: Mapping[int, float] | None = None,
+             ) -> tuple[dict[int, list[dict[str, Any]]], dict[int, int]]:
     """Drive the rounds: `evaluate(alive, round)` returns each alive candidate's round result
-    (``scores``, ``tokens``, ``error``); returns every candidate's round results and, for the
-    stopped ones, the round after which they stopped."""
+    (``items``, ``scores``, ``tokens``, ``error``); returns every candidate's round results and,
+    for the stopped ones, the round after which they stopped. `weights` (item -> weight) weigh
+    the per-item values the racing compares (anchor subsets)."""
     alive = list(indices)
     results: dict[int, list[dict[str, Any]]] = {i: [] for i in indices}
     stopped_at: dict[int, int] = {}
@@ -95,7 +97,9 @@ def run_race(indices: Sequence[int], rounds: Sequence[Sequence[int]], evaluate: 
         alive = [i for i in alive if i not in failed]
         if racing is None or r == len(rounds) - 1:
             continue
-        values = {i: [v for res in results[i] for v in res["scores"]] for i in alive}
+        w = weights or {}
+        values = {i: [w.get(j, 1.0) * v for res in results[i] for j, v in zip(res.get("items", []), res["scores"])]
+                  if w else [v for res in results[i] for v in res["scores"]] for i in alive}
         for i in to_stop(values, alive, mu, confidence=racing.confidence, min_items=racing.min_items):
             stopped_at[i] = r
             alive.remove(i)

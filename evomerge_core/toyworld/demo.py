@@ -51,11 +51,10 @@ _RUNTIME = {"device": "cpu", "dtype": "float32", "task_runner": {"candidates_per
 
 
 # "evolved PS, budgeted" (fitness.budget, docs/budget.md; figures in docs/benchmarks.md): one
-# calibration generation on every train item, then an IRT subset of 24 items raced in rounds
-# of 8; the 3 best candidates by budgeted fitness are scored on the whole train split before
-# the best is chosen. Calibration, final check and ~16 items per later candidate: ~16% of the
-# full search's items.
-DEMO_BUDGET: dict[str, Any] = {"subset": {"size": 24, "include_sources": False},
+# calibration generation on every train item, then 32 anchor items (one per cluster of alike
+# items, weighted by cluster size) raced in rounds of 8; the 3 best candidates by budgeted
+# fitness are scored on the whole train split before the best is chosen.
+DEMO_BUDGET: dict[str, Any] = {"subset": {"size": 32, "method": "anchors", "include_sources": False},
                                "racing": {"slice": 8, "min_items": 8}, "final_candidates": 3}
 # Its random baseline: per-generation random minibatches (fitness.minibatch) of about the same
 # items in all (144 x 27 + the same final check), the best chosen the same way.

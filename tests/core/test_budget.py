@@ -182,3 +182,18 @@ def test_answer_line_caps_stop_rows_at_the_newline_only_in_budgeted_scoring(tmp_
     fit.score(None, None)  # the full-split fitness (final check) keeps the configured stops and cap
     assert seen[-1] == (("=",), 256)
     assert registry.get_scorer("exact_match").per_item is not None
+
+
+def test_anchor_items_cover_clusters_and_weigh_them_by_size():
+    rng = np.random.default_rng(3)
+    profiles = rng.normal(size=(3, 8))  # three kinds of items, each separating the 8 models its own way
+    kinds = [0] * 60 + [1] * 30 + [2] * 10
+    y = np.stack([profiles[k] + 0.01 * rng.normal(size=8) for k in kinds], axis=1)  # models x items
+    anchors, weights = irt.anchor_items(y, 3)
+    assert sorted(kinds[a] for a in anchors) == [0, 1, 2]
+    assert weights == pytest.approx([0.6, 0.3, 0.1]) and [kinds[a] for a in anchors] == [0, 1, 2]
+    state = plan.BudgetState(n_items=100, subset=anchors, weights=weights)
+    budget = BudgetConfig(subset={"size": 3, "method": "anchors"})
+    assert plan.estimate(budget, state, anchors, [1.0, 0.0, 0.0]) == pytest.approx(0.6)
+    assert plan.estimate(budget, state, anchors[1:], [1.0, 0.0]) == pytest.approx(0.75)  # seen anchors only
+    assert plan.item_weights(state)[anchors[0]] == pytest.approx(1.8)
