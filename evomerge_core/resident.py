@@ -39,9 +39,6 @@ from evomerge_core.merge.kernels import cpu_parallelism
 from evomerge_core.merge.params import plan_recipe
 from evomerge_core.merge.recipe import MergeRecipe
 
-# Benchmarks set this to measure the pinned, streamed residency on a card the sources fit on.
-_FORCE_HOST_SOURCES = False
-
 # Flat merging keeps up to ~14 bytes per parameter and source (float32 copies, task vectors,
 # DARE uniforms, TIES ranks); above this size the per-tensor kernels are as fast anyway.
 FLAT_MAX_PARAMS = 16_000_000
@@ -127,7 +124,7 @@ class ResidentModel:
             return
         need = sum(t.numel() * t.element_size() for sd in self.state_dicts.values() for t in sd.values())
         free, _ = torch.cuda.mem_get_info(self.device)
-        if need < free // 2 and not _FORCE_HOST_SOURCES:
+        if need < free // 2:
             self.state_dicts = {ref: {n: t.to(self.device) for n, t in sd.items()} for ref, sd in self.state_dicts.items()}
             self.residency = "device"
         else:
