@@ -102,20 +102,21 @@ def chart_image(summaries: Sequence[dict[str, Any]]) -> str:
 
 def best_markdown(run_key: str, best: dict[str, Any] | None, summaries: Sequence[dict[str, Any]], total: int,
                   chart: str = "") -> str:
-    """The markdown artifact: best recipe so far and the fitness over generations (`chart`: an
-    image line from `chart_image` above the table)."""
+    """The markdown artifact: the best so far, the fitness over generations (`chart`: an image
+    line from `chart_image`, shown first so it is in view when the page opens), the best recipe
+    and a table per generation."""
     done = len(summaries)
-    head = [f"# {run_key}: generation {done} of {total}", ""]
+    lines = [f"# {run_key}: generation {done} of {total}", ""]
     if best is None:
-        head += ["No successful candidate yet.", ""]
+        lines += ["No successful candidate yet.", ""]
     else:
-        head += [f"**Best so far:** fitness {best['fitness']:.4f} (generation {best['generation'] + 1}, "
-                 f"candidate {best['index']}, task run `eval-g{best['generation']}-c{best['index']}`)", ""]
-        if best.get("recipe"):
-            head += ["Recipe (mergekit YAML):", "", "```yaml",
-                     yaml.safe_dump(best["recipe"], sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(head + ["## Fitness over generations", ""] + ([chart, ""] if chart else [])
-                     + [fitness_chart(summaries), ""])
+        lines += [f"**Best so far:** fitness {best['fitness']:.4f} (generation {best['generation'] + 1}, "
+                  f"candidate {best['index']}, task run `eval-g{best['generation']}-c{best['index']}`)", ""]
+    lines += ([chart, ""] if chart else [])
+    if best is not None and best.get("recipe"):
+        lines += ["Recipe (mergekit YAML):", "", "```yaml", yaml.safe_dump(best["recipe"], sort_keys=False).rstrip(),
+                  "```", ""]
+    return "\n".join(lines + ["## Fitness over generations", "", fitness_chart(summaries), ""])
 
 
 class RunMonitor:
@@ -150,9 +151,10 @@ class RunMonitor:
                         f"best {_fmt(summary.get('best_fitness'))}, {summary['seconds']:.1f} s")
         update_progress_artifact(self.progress_id, progress=100.0 * g / self.total,
                                  description=f"{self.run_key}: generation {g} of {self.total}")
+        # No description on the artifacts with the inline chart: the UI (Prefect 3.9) renders a
+        # markdown artifact that has both a description and a data: image as an empty page.
         create_markdown_artifact(markdown=best_markdown(self.run_key, best, summaries, self.total, chart_image(summaries)),
-                                 key=self.key("best"),
-                                 description=f"{self.run_key}: best recipe after generation {g}")
+                                 key=self.key("best"))
 
     def finished(self, plot_url: str | None) -> None:
         """At the end: the final fitness chart inline, and where the report is (when one was written)."""
@@ -161,4 +163,4 @@ class RunMonitor:
         if plot_url and self.summaries:
             md = "\n".join([f"# {self.run_key}: fitness over generations", "", chart_image(self.summaries), "",
                             f"The same plot and `report.md` are in the run store: `{plot_url}`", ""])
-            create_markdown_artifact(markdown=md, key=self.key("plot"), description=f"{self.run_key}: fitness plot")
+            create_markdown_artifact(markdown=md, key=self.key("plot"))
