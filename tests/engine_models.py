@@ -12,6 +12,10 @@ import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3")
 VOCAB = 64
+PROMPTS = ["what is 2 plus 3?", "hello there", "a", "the quick brown fox jumps over", "xyz 123", "why?",
+           "one two three four five six", "z", "ab cd ef", "99 bottles", "q", "seven, eight; nine"]
+CAPS = [20, 5, 30, 12, 25, 8, 40, 3, 30, 30, 30, 17]
+PAD, EOS = 3, 2  # the tiny tokenizer's (tests/tiny_models.py)
 
 
 def family_config(family: str):
@@ -53,3 +57,14 @@ def make_family_model(family: str, seed: int = 0, *, eos_like: int = 44, head_sc
         head.mul_(head_scale)
         head[2] = head[eos_like] * 1.05
     return model
+
+
+def hf_reference(model, encoded, caps) -> list[list[int]]:
+    """Greedy `generate`, one prompt at a time (no padding), new tokens only."""
+    out = []
+    for ids, cap in zip(encoded, caps):
+        x = torch.tensor([ids], device=model.device)
+        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=cap, do_sample=False,
+                             eos_token_id=EOS, pad_token_id=PAD)
+        out.append(gen[0, len(ids):].tolist())
+    return out

@@ -17,7 +17,7 @@ budget() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 echo "== engine parity vs HF generate on the GPU (tiny models, float32)"
-EVOMERGE_TEST_DEVICE=cuda timeout "$(budget 40)" python3 -m pytest -q -x tests/core/test_engine_gpu.py 2>&1 | tail -3
+timeout "$(budget 40)" python3 tests/core/test_engine_gpu.py 2>&1 | tail -6
 echo "== 1B shape ($(left) s left)"
 timeout "$(budget 150)" python3 benchmarks/generation_speed.py --shape 1b --items 512 --slots 256 --batch-size 64 \
   --baseline-items 64 --json "$out/generation_speed_1b.json"

@@ -12,16 +12,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_models import FAMILIES, make_family_model  # noqa: E402
+from engine_models import CAPS, EOS, FAMILIES, PAD, PROMPTS, hf_reference, make_family_model  # noqa: E402
 from tiny_models import save_tiny_tokenizer  # noqa: E402
 
 from evomerge_core.engine import engine_for, engine_generate  # noqa: E402
 from evomerge_core.generation import greedy_generate, truncate_at_stop  # noqa: E402
 
-PROMPTS = ["what is 2 plus 3?", "hello there", "a", "the quick brown fox jumps over", "xyz 123", "why?",
-           "one two three four five six", "z", "ab cd ef", "99 bottles", "q", "seven, eight; nine"]
-CAPS = [20, 5, 30, 12, 25, 8, 40, 3, 30, 30, 30, 17]
-PAD, EOS = 3, 2
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +30,6 @@ def tokenizer(tmp_path_factory):
 
 def _encoded(tokenizer) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-
-
-def hf_reference(model, encoded, caps) -> list[list[int]]:
-    """Greedy `generate`, one prompt at a time (no padding), new tokens only."""
-    out = []
-    for ids, cap in zip(encoded, caps):
-        x = torch.tensor([ids], device=model.device)
-        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=cap, do_sample=False,
-                             eos_token_id=EOS, pad_token_id=PAD)
-        out.append(gen[0, len(ids):].tolist())
-    return out
 
 
 def _text(tokenizer, ids) -> str:
