@@ -34,7 +34,7 @@ from typing import Any
 from prefect import flow
 
 from evomerge.flows.evolve import evolve
-from evomerge.flows.monitoring import artifact_key, slug
+from evomerge.flows.monitoring import slug
 from evomerge_core.config import RunConfig, load_run_config, parse_run_config
 from evomerge_core.errors import ConfigError, EvomergeError, UsageError
 
