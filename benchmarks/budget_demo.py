@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict | None] = {
              "final_candidates": 3},
     "b20": {"subset": {"size": 20}, "racing": {"slice": 10, "min_items": 10}, "final_candidates": 3},
     "race": {"racing": {"slice": 20, "min_items": 20}, "final_candidates": 3},
+    # racing on a fresh seeded draw of 48 items per generation, rounds of 12
+    "race48": {"racing": {"slice": 12, "min_items": 12, "max_items": 48}, "final_candidates": 3},
 }
 
 

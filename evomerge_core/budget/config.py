@@ -18,6 +18,9 @@ class RacingConfig(_Strict):
     slice: int = Field(default=10, ge=1)  # items per round
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)  # one-sided, per paired comparison
     min_items: int = Field(default=10, ge=2)  # no candidate stops before it saw this many items
+    # Without a subset: at most this many items per generation, a fresh seeded draw each
+    # generation (None: every train item); survivors see them all, stopped candidates fewer.
+    max_items: int | None = Field(default=None, ge=2)
 
 
 class SubsetConfig(_Strict):

@@ -197,3 +197,12 @@ def test_anchor_items_cover_clusters_and_weigh_them_by_size():
     assert plan.estimate(budget, state, anchors, [1.0, 0.0, 0.0]) == pytest.approx(0.6)
     assert plan.estimate(budget, state, anchors[1:], [1.0, 0.0]) == pytest.approx(0.75)  # seen anchors only
     assert plan.item_weights(state)[anchors[0]] == pytest.approx(1.8)
+
+
+def test_racing_without_subset_takes_a_fresh_seeded_draw_per_generation():
+    budget = BudgetConfig(racing={"slice": 4, "min_items": 4, "max_items": 12})
+    state = plan.BudgetState(n_items=50)
+    g1, g2 = (plan.generation_items(budget, state, g, seed=3) for g in (1, 2))
+    assert len(g1) == 12 == len(set(g1)) and g1 != g2 and not budget.calibrates
+    assert g1 == plan.generation_items(budget, plan.BudgetState(n_items=50), 1, seed=3)  # same on resume
+    assert [len(r) for r in plan.rounds_of(budget, 1, g1)] == [4, 4, 4]
