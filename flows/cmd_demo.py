@@ -1,10 +1,10 @@
 """`evomerge demo`: build (or reuse) the toy world and run the evolution end to end on the
-embedded default (Prefect's ephemeral API, local file storage), printing the results table."""
+embedded default (a temporary local Prefect API this command owns, flows/local_server.py; local
+file storage), printing the results table."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from evomerge_core.errors import UsageError
@@ -36,15 +36,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(spaces) - set(SPACES))
     if unknown or not spaces:
         raise UsageError(f"--spaces: unknown {unknown or 'empty list'}; choose from {', '.join(SPACES)}")
+    from evomerge.flows.local_server import local_api, using
     from evomerge.flows.prefect_api import check_api
 
     check_api()
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from evomerge.flows.demo import demo
-
     started = time.perf_counter()
-    result = demo(out_dir=args.out, size=args.size, seeds=args.seeds, evaluations=args.evaluations,
-                  dfs_evaluations=args.dfs_evaluations, spaces=spaces, workers=args.workers)
+    # Without PREFECT_API_URL: a temporary API server owned by this command (no orphan when it is
+    # killed, no telemetry ERROR offline; see flows/local_server.py).
+    with local_api() as server, using(server):
+        from evomerge.flows.demo import demo
+
+        result = demo(out_dir=args.out, size=args.size, seeds=args.seeds, evaluations=args.evaluations,
+                      dfs_evaluations=args.dfs_evaluations, spaces=spaces, workers=args.workers)
     print(f"demo finished in {time.perf_counter() - started:.0f} s; table: {result['outputs']['markdown']}")
     return 0

@@ -1,7 +1,7 @@
 """`evomerge publish MODEL_DIR --repo-id ORG/NAME [--private] [--revision BRANCH] [--dry-run DIR]
 [--run URL_OF_RUN]`: check the inputs (repo id, model dir, token, run) before anything starts,
-then run the publish flow locally against Prefect's ephemeral API (set PREFECT_API_URL to use a
-server)."""
+then run the publish flow locally against a temporary local Prefect API this command owns
+(flows/local_server.py; set PREFECT_API_URL to use a server)."""
 
 from __future__ import annotations
 
@@ -46,18 +46,20 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.dry_run)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--dry-run {out} exists and is not an empty directory; choose a new folder")
+    from evomerge.flows.local_server import local_api, using
     from evomerge.flows.prefect_api import check_api
 
     check_api()
-    check_publication(args)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from evomerge.flows.publish import publish
+    with local_api() as server:  # without PREFECT_API_URL: a temporary API owned by this command
+        check_publication(args)
+        with using(server):
+            from evomerge.flows.publish import publish
 
-    publish(str(Path(args.model_dir).resolve()), args.repo_id, private=args.private, revision=args.revision,
-            dry_run=str(Path(args.dry_run).resolve()) if args.dry_run else None, run_url=args.run,
-            license=args.license, force_license=args.force_license, approve=args.approve,
-            token_secret_block=args.token_secret_block, endpoint=os.environ.get("HF_ENDPOINT") or None,
-            shard_size=args.shard_size)
+            publish(str(Path(args.model_dir).resolve()), args.repo_id, private=args.private, revision=args.revision,
+                    dry_run=str(Path(args.dry_run).resolve()) if args.dry_run else None, run_url=args.run,
+                    license=args.license, force_license=args.force_license, approve=args.approve,
+                    token_secret_block=args.token_secret_block, endpoint=os.environ.get("HF_ENDPOINT") or None,
+                    shard_size=args.shard_size)
     return 0
 
 
