@@ -36,7 +36,7 @@ from prefect import flow
 from evomerge.flows.evolve import evolve
 from evomerge.flows.monitoring import slug
 from evomerge_core.config import RunConfig, load_run_config, parse_run_config
-from evomerge_core.errors import ConfigError, EvomergeError, UsageError
+from evomerge_core.errors import EvomergeError, UsageError, is_bad_input
 
 SOURCE_REVISION_EVENT = "evomerge.source.revision-registered"
 COMPLETED_EVENT = "evomerge.evolve.completed"
@@ -211,6 +211,21 @@ def _for_deployment(exc: EvomergeError) -> str:
     return text
 
 
+def _bad_input(exc: EvomergeError) -> Any:
+    """A Failed state for bad input, after setting this flow run's retries to 0: the server retries
+    every Failed run that has retries left, and retrying cannot fix the input."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Failed
+
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        policy = context.flow_run.empirical_policy.model_copy(update={"retries": 0})
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(context.flow_run.id, empirical_policy=policy)
+    return Failed(message=f"error: {_for_deployment(exc)}")
+
+
 def _log_evomerge_warnings() -> None:
     """evomerge's own log records (lease and storage warnings) also go to the flow run's Logs tab."""
     from prefect.logging.handlers import APILogHandler
@@ -242,8 +257,10 @@ def _run_evolve(config: RunConfig, resume: bool, key: str) -> Any:
                       f"Result: {open_store(config).url(RESULT)}", flush=True)
                 return done
             result = evolve.fn(prepared, resume=resume, run_key=key)
-    except (UsageError, ConfigError) as exc:
-        return Failed(message=f"error: {_for_deployment(exc)}")
+    except EvomergeError as exc:
+        if not is_bad_input(exc):
+            raise  # retried (RETRIES), each retry resuming from the run store
+        return _bad_input(exc)
     emit_completed(config, result)
     return result
 
@@ -266,10 +283,10 @@ def evolve_config(config_path: str, run_key: str = "", storage: str = "", resume
     (RETRIES times, RETRY_DELAY_S apart), each retry resuming from the run store."""
     try:
         config = _load(config_path, run_key, storage)
-    except (UsageError, ConfigError) as exc:
-        from prefect.states import Failed
-
-        return Failed(message=f"error: {_for_deployment(exc)}")
+    except EvomergeError as exc:
+        if not is_bad_input(exc):
+            raise
+        return _bad_input(exc)
     return _run_evolve(config, resume, config.effective_run_key())
 
 

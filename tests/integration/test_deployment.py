@@ -241,6 +241,7 @@ def test_operating_evomerge_through_prefect(stack):
     other_week = _wait(api, other_week.id)
     assert other_week.name == "evolve-config-ops-2026-11-30"
     assert other_week.state.is_failed() and "missing.yaml" in other_week.state.message
+    assert other_week.run_count == 1  # bad input is not retried
     # 7. the retried run: failed once, retried in the same flow run, resumed and completed
     retried = _wait(api, retried.id)
     assert retried.state.is_completed(), retried.state
