@@ -31,6 +31,7 @@ import yaml
 
 from evomerge_core.errors import EvomergeError, SourceError, UsageError
 from evomerge_core.io import AUX_FILES, SAFETENSORS_INDEX, read_config, weight_files
+from evomerge_core.merge.provenance import SOURCES_FILE
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 PUBLISHED = "published.json"
@@ -339,8 +340,8 @@ def stage_folder(pub: Publication, out_dir: str | Path, *, shard_size: int = DEF
 
         umask_permissions(tmp)  # mkdtemp makes 0700
         _stage_weights(pub.model_dir, tmp, shard_size)
-        for name in AUX_FILES:  # config, generation config, tokenizer and processor files
-            if (pub.model_dir / name).is_file():
+        for name in (*AUX_FILES, SOURCES_FILE):  # config, generation config, tokenizer and processor files;
+            if (pub.model_dir / name).is_file():  # the sources' Hub commits (no local paths)
                 shutil.copy2(pub.model_dir / name, tmp / name)
         for extra in ("*.tiktoken", "tokenizer*"):
             for f in pub.model_dir.glob(extra):

@@ -315,6 +315,8 @@ class LocalBackend(Backend):
             return True
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        if not self._path(key).exists():  # nothing to read: take no lock, so a read creates no folder
+            return None
         with self._locked(key):
             data = self.read_bytes(key)
         return None if data is None else (data, hashlib.sha256(data).hexdigest())

@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
     # Without PREFECT_API_URL a temporary API server of this process's own starts now and gets
     # ready while the checks run; it dies with this process (see flows/local_server.py).
     with local_api() as server:
-        preflight(config)
+        check_inputs(config)
         check_api()  # before the run store is touched
-        check_run_free(config, resume=not args.no_resume)
+        check_run_free(config, resume=not args.no_resume)  # storage: reads only, writes nothing
+        check_sources(config)  # last: it may download Hub sources
         with using(server):
             from evomerge.flows.evolve import evolve
 
@@ -49,15 +50,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def preflight(config) -> None:
-    """Load the fitness items (train, validation, test; per stage), then resolve and check the
-    sources as the flow will (the checks of `evomerge merge`, the search space, in-place
-    merging) and the device, so bad input surfaces before anything is written or a flow starts."""
+    """Every check of the run's input (`check_inputs`, then `check_sources`), so bad input
+    surfaces before anything is written or a flow starts."""
+    check_inputs(config)
+    check_sources(config)
+
+
+def check_inputs(config) -> None:
+    """The checks that need no model: load the fitness items (train, validation, test; per
+    stage), local source paths exist, the device is present."""
     from evomerge_core.evaluate import preflight_run
-    from evomerge_core.preflight import check_device_present, check_run_sources
+    from evomerge_core.preflight import check_device_present
 
     preflight_run(config)
     check_local_sources(config)
     check_device_present(config)
+
+
+def check_sources(config) -> None:
+    """Resolve and check the sources as the flow will (the checks of `evomerge merge`, the
+    search space, in-place merging)."""
+    from evomerge_core.preflight import check_run_sources
+
     check_run_sources(config)
 
 

@@ -153,6 +153,15 @@ def _logs(api: str, run_id) -> list:
         return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), sort=LogSort.TIMESTAMP_ASC)
 
 
+def _wait_for_log(api: str, run_id, text: str, timeout_s: float = 60) -> None:
+    """A run's log line containing `text` (a finished flow process ships its last logs at exit,
+    so they may reach the API a moment after the final state)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(text in log.message for log in (logs := _logs(api, run_id))):
+        assert time.monotonic() < deadline, [log.message for log in logs]
+        time.sleep(2)
+
+
 def _artifacts(api: str, run_id) -> list:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -223,7 +232,7 @@ def test_operating_evomerge_through_prefect(stack):
                       scheduled=monday - dt.timedelta(days=7))
     duplicate = _wait(api, duplicate.id)
     assert duplicate.state.is_completed(), duplicate.state
-    assert any("already finished" in log.message for log in _logs(api, duplicate.id))
+    _wait_for_log(api, duplicate.id, "already finished")
     # 6. the evolve-completed event ran the publish-run deployment (a dry run into work/published)
     with _client(api) as client:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
