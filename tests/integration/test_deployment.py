@@ -157,7 +157,10 @@ def _wait_for_log(api: str, run_id, text: str, timeout_s: float = 60) -> None:
     """A run's log line containing `text` (a finished flow process ships its last logs at exit,
     so they may reach the API a moment after the final state)."""
     deadline = time.monotonic() + timeout_s
-    while not any(text in log.message for log in (logs := _logs(api, run_id))):
+    while True:
+        logs = _logs(api, run_id)
+        if any(text in log.message for log in logs):
+            return
         assert time.monotonic() < deadline, [log.message for log in logs]
         time.sleep(2)
 
