@@ -197,26 +197,27 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
         key = f"demo-{size}-seed{seed}"
         result = _run(search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=key), key)
         curve = result["generations"]
-        scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / "ps" / f"seed{seed}"))
-        rows["ps"] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
-                      "cost": result.get("cost")}
+        rows["ps"] = _search_row(result, zoo_root, storage, key, out / "evolved" / "ps" / f"seed{seed}")
     elif name in ("ps_budget", "ps_random"):
         key = f"demo-{size}-{name}-seed{seed}"
         result = _run(budget_search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=key,
                                            kind="budget" if name == "ps_budget" else "random"), key)
-        scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / name / f"seed{seed}"))
-        rows[name] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
-                      "cost": result.get("cost")}
+        rows[name] = _search_row(result, zoo_root, storage, key, out / "evolved" / name / f"seed{seed}")
     elif name in ("dfs", "dfs_noscale"):
         key = f"demo-{size}-{name}-seed{seed}"
         result = _run(dfs_search_config(zoo, seed=seed, evaluations=dfs_evaluations, storage=storage, run_key=key,
                                         scales="matrix" if name == "dfs" else "none"), key)
-        scores = score_evolved.fn(zoo_root, storage, key, str(out / "evolved" / name / f"seed{seed}"))
-        rows[name] = {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
-                      "cost": result.get("cost")}
+        rows[name] = _search_row(result, zoo_root, storage, key, out / "evolved" / name / f"seed{seed}")
     else:
         raise ValueError(f"unknown demo search job {name!r}")
     return {"rows": rows, "curve": curve}
+
+
+def _search_row(result: dict, zoo_root, storage: str, key: str, model_out) -> dict:
+    """One searched row of the table: the run's best scored on every test split, and its cost."""
+    scores = score_evolved.fn(zoo_root, storage, key, str(model_out))
+    return {"scores": scores, "evaluated": result["evaluations"], "seconds": search_seconds(result),
+            "cost": result.get("cost")}
 
 
 def _run(config: dict[str, Any], key: str) -> dict[str, Any]:
