@@ -60,7 +60,7 @@ def variant_config(zoo, name: str, seed: int, storage: str) -> dict:
 
 def main() -> None:
     from evomerge.flows.evolve import evolve
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
     from evomerge_core.toyworld import build_zoo, evaluate_exact_match, load_model, load_tokenizer
 
     names = sys.argv[1].split(",")

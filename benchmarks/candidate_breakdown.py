@@ -1,6 +1,6 @@
 """Per-candidate cost of the in-process evaluator on the toy world (the demo's PS search).
 
-One process, no Dask, no Prefect: `evomerge_core.evaluate.get_evaluator` on the micro zoo with
+One process, no Dask, no Prefect: `evomerge_core.kinds.evaluate.get_evaluator` on the micro zoo with
 the demo's search config (DARE-TIES over 3 experts, 6 genes; fitness = answer log-likelihood on
 the UNION train items, accuracy = greedy generation + exact match), then `evaluate(genome)` for
 N random genomes after one warm-up candidate. Each call is split into
@@ -53,9 +53,9 @@ def run(candidates: int, threads: int, accuracy: bool) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from evomerge_core.config import parse_run_config
-    from evomerge_core.evaluate import clear_evaluators, get_evaluator
-    from evomerge_core.evolution import resolve_run_sources
+    from evomerge_core.config.schema import parse_run_config
+    from evomerge_core.kinds.evaluate import clear_evaluators, get_evaluator
+    from evomerge_core.runs.search import resolve_run_sources
     from evomerge_core.toyworld.demo import search_config
     from evomerge_core.toyworld.zoo import build_zoo
 

@@ -5,7 +5,7 @@ generation and scoring, for both source residencies:
 
 - ``device``: the sources live on the GPU (only when they fit beside the model and the KV cache);
 - ``pinned``: the sources live in pinned host memory and are streamed tensor by tensor on a side
-  stream while the merge runs (`evomerge_core.engine.streaming`), the path an 80 GB card takes.
+  stream while the merge runs (`evomerge_core.generation.engine.streaming`), the path an 80 GB card takes.
 
 Output lengths are forced as in `generation_speed.py` (count-down hook: log-normal, median 300,
 cap 1024). "transfer" is the time to stream every source to the device alone; "merge" is the
@@ -71,9 +71,9 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from evomerge_core.engine.streaming import stream_sources
+    from evomerge_core.generation.engine.streaming import stream_sources
     from evomerge_core.fitness.text import answer_number, last_number, numbers_equal
-    from evomerge_core.generation import greedy_generate
+    from evomerge_core.generation.hf_loop import greedy_generate
     from evomerge_core.merge.engine import _merge_planned
     from evomerge_core.merge.params import plan_recipe
 

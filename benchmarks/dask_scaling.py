@@ -54,8 +54,8 @@ def search_config(storage: str, run_key: str, popsize: int, generations: int, wo
 
 def timed_candidate(config: dict[str, Any], paths: dict[str, str], genome: list[float], reread: bool) -> dict[str, float]:
     """One candidate on a worker, piece by piece (see module docstring)."""
-    from evomerge_core.config import RunConfig
-    from evomerge_core.evaluate import clear_evaluators, get_evaluator
+    from evomerge_core.config.schema import RunConfig
+    from evomerge_core.kinds.evaluate import clear_evaluators, get_evaluator
 
     t0 = time.perf_counter()
     if reread:
@@ -80,8 +80,8 @@ def breakdown(workers: int, reread: bool, popsize: int, rounds: int) -> dict[str
     import numpy as np
     from distributed import Client, LocalCluster
 
-    from evomerge_core.config import parse_run_config
-    from evomerge_core.evolution import resolve_run_sources
+    from evomerge_core.config.schema import parse_run_config
+    from evomerge_core.runs.search import resolve_run_sources
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_run_config(search_config(f"file://{tmp}", "bench", popsize, rounds, workers))
@@ -91,7 +91,7 @@ def breakdown(workers: int, reread: bool, popsize: int, rounds: int) -> dict[str
         env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address=None, env=env) as cluster, Client(cluster) as client:
-            client.run(lambda: __import__("evomerge_core.evaluate"))  # imports are not part of a generation
+            client.run(lambda: __import__("evomerge_core.kinds.evaluate"))  # imports are not part of a generation
             walls, pieces = [], []
             for r in range(rounds):
                 genomes = [list(np.clip(0.5 + rng.normal(0, 1 / 6, 6), 0, 1)) for _ in range(popsize)]
@@ -113,7 +113,7 @@ def breakdown(workers: int, reread: bool, popsize: int, rounds: int) -> dict[str
 def flow_walls(workers: int, popsize: int, generations: int, candidates_per_task: int | str) -> list[float]:
     """Part 2: generation wall times of the real evolve flow on `workers` Dask workers."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
 
     with tempfile.TemporaryDirectory() as tmp:
         key = f"dask-{workers}-{candidates_per_task}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from evomerge_core.toyworld import build_zoo, evaluate_exact_match, load_model, load_tokenizer
 from evomerge_core.toyworld.demo import baseline_recipes, search_config
-from evomerge_core.runstore import RunStore
+from evomerge_core.runs.store import RunStore
 from evomerge.flows.evolve import evolve
 
 SEARCH_VARIANTS = {

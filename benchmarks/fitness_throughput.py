@@ -9,7 +9,7 @@ count, model load excluded:
    once, `exact_match` scorer) vs lm-eval's `simple_evaluate` on the same model wrapped in
    `HFLM` with a `generate_until` task of the same items and an `exact_match` metric (the way
    mergekit-evolve scores candidates); the mean over 5 candidates after one warm-up;
-2. the generation loop alone: `evomerge_core.generation.greedy_generate` vs
+2. the generation loop alone: `evomerge_core.generation.hf_loop.greedy_generate` vs
    `HFLM.generate_until` on the same requests.
 
 Reported: items per second, both scores and (2) how many outputs differ.
@@ -100,7 +100,7 @@ def evomerge_child(spec_file: str, out_file: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge_core.generation import greedy_generate
+    from evomerge_core.generation.hf_loop import greedy_generate
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
@@ -113,7 +113,7 @@ def evomerge_child(spec_file: str, out_file: str) -> None:
     t = time.perf_counter()
     outputs = greedy_generate(model, tok, spec["prompts"], **kw)
     seconds = time.perf_counter() - t
-    from evomerge_core.config import FitnessConfig
+    from evomerge_core.config.schema import FitnessConfig
     from evomerge_core.fitness.evaluator import Fitness
 
     fitness = Fitness(FitnessConfig.model_validate({

@@ -155,7 +155,7 @@ def roofline_seconds(model, items, slots: int, hw: dict) -> float:
 def run_tool(name: str, model, tok, items, args, sync) -> dict:
     import torch
 
-    from evomerge_core.generation import greedy_generate
+    from evomerge_core.generation.hf_loop import greedy_generate
 
     prompts = [" ".join(f"w{i}" for i in ids) for ids, _ in items]
     want = [n for _, n in items]
@@ -169,7 +169,7 @@ def run_tool(name: str, model, tok, items, args, sync) -> dict:
                         backend="engine" if name == "engine" else "hf")
         counts = stats["row_tokens"]
         if name == "engine":  # free its KV slots for the next tool
-            from evomerge_core import engine as engine_pkg
+            from evomerge_core.generation import engine as engine_pkg
 
             engine_pkg._ENGINES.pop(model, None)
             if torch.cuda.is_available():

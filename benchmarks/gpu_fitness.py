@@ -61,7 +61,7 @@ def hf_generate(model, tok, prompts: list[str], *, batch_size: int, max_new_toke
     with greedy decoding and stop strings, outputs cut at the first stop string."""
     import torch
 
-    from evomerge_core.generation import truncate_at_stop
+    from evomerge_core.generation.hf_loop import truncate_at_stop
 
     tok.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: -len(tok(prompts[i])["input_ids"]))
@@ -92,7 +92,7 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from evomerge_core.generation import greedy_generate
+    from evomerge_core.generation.hf_loop import greedy_generate
 
     from gpu_device import open_device
 

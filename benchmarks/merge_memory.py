@@ -51,7 +51,7 @@ def build_model(out: Path, index: int) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from evomerge_core.io import PlannedTensor, ShardedWriter
+    from evomerge_core.io.model_files import PlannedTensor, ShardedWriter
 
     out.mkdir(parents=True)
     specs = _tensor_specs()

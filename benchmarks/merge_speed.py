@@ -94,7 +94,7 @@ def reference_child(root: str, out: str, threads: int) -> None:
     """The bandwidth reference, in this (fresh) process: prints one JSON line."""
     import torch
 
-    from evomerge_core.io import PlannedTensor
+    from evomerge_core.io.model_files import PlannedTensor
     from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
     from evomerge_core.merge.kernels import cpu_parallelism, linear_merge
 

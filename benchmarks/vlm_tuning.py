@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from evomerge.flows.evolve import evolve
-from evomerge_core.runstore import RunStore
+from evomerge_core.runs.store import RunStore
 from evomerge_core.toyworld.vlm import build_vlm_zoo, score_vlm_dir, vlm_search_config
 
 # name -> (method, evaluations, space overrides, fitness items)

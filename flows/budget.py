@@ -1,7 +1,7 @@
 """The evolve flow's budgeted evaluation (`fitness.budget`, docs/budget.md): racing rounds
 mapped over the surviving candidates, calibration of the item subset and the length caps,
 and the final check of the top candidates on the whole train split. Decisions are in
-`evomerge_core.budget`; every round result is stored in the run store as soon as it is done,
+`evomerge_core.fitness.budget`; every round result is stored in the run store as soon as it is done,
 so a resumed run reuses it and races to the same decisions."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from prefect import unmapped
 
 from evomerge.flows.runners import candidate_slots, map_candidates
 from evomerge.tasks.evolve import evaluate_full_train, evaluate_round, evaluate_source
-from evomerge_core.budget import plan
-from evomerge_core.budget.racing import run_race
-from evomerge_core.config import RunConfig
-from evomerge_core.resume import Run, evaluation_config
-from evomerge_core.runstore import candidate_key
+from evomerge_core.fitness.budget import plan
+from evomerge_core.fitness.budget.racing import run_race
+from evomerge_core.config.schema import RunConfig
+from evomerge_core.runs.resume import Run, evaluation_config
+from evomerge_core.runs.store import candidate_key
 
 
 def uses_items(cfg: RunConfig) -> bool:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from evomerge_core import evolution
-from evomerge_core.config import RunConfig
+from evomerge_core.runs import search as evolution
+from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import EvomergeError
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from evomerge_core.config import load_run_config, parse_run_config
-from evomerge_core.evolution import check_run_free
+from evomerge_core.config.schema import load_run_config, parse_run_config
+from evomerge_core.runs.search import check_run_free
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +59,8 @@ def preflight(config) -> None:
 def check_inputs(config) -> None:
     """The checks that need no model: load the fitness items (train, validation, test; per
     stage), local source paths exist, the device is present."""
-    from evomerge_core.evaluate import preflight_run
-    from evomerge_core.preflight import check_device_present
+    from evomerge_core.kinds.evaluate import preflight_run
+    from evomerge_core.kinds.preflight import check_device_present
 
     preflight_run(config)
     check_local_sources(config)
@@ -70,7 +70,7 @@ def check_inputs(config) -> None:
 def check_sources(config) -> None:
     """Resolve and check the sources as the flow will (the checks of `evomerge merge`, the
     search space, in-place merging)."""
-    from evomerge_core.preflight import check_run_sources
+    from evomerge_core.kinds.preflight import check_run_sources
 
     check_run_sources(config)
 
@@ -81,7 +81,7 @@ def check_local_sources(config) -> None:
     from pathlib import Path
 
     from evomerge_core.errors import SourceError
-    from evomerge_core.sources import HUB_ID_RE
+    from evomerge_core.sources.resolve import HUB_ID_RE
 
     refs = [s.model for s in config.sources]
     for stage in config.stages or []:

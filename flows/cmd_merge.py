@@ -11,12 +11,12 @@ from pathlib import Path
 
 from evomerge_core.merge.engine import check_device, check_out_dir, check_shard_size, merge_to_dir, parse_dtype
 from evomerge_core.merge.outdir import check_not_a_source, remove_stale_temp_dirs
-from evomerge_core.architectures import num_hidden_layers
+from evomerge_core.sources.architectures import num_hidden_layers
 from evomerge_core.errors import ConfigError
-from evomerge_core.io import read_config
+from evomerge_core.io.model_files import read_config
 from evomerge_core.merge.mergekit_yaml import load_config
 from evomerge_core.merge.params import plan_recipe
-from evomerge_core.sources import resolve_source
+from evomerge_core.sources.resolve import resolve_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from evomerge_core import publish as core
+from evomerge_core.publish import hub as core
 from evomerge_core.errors import UsageError
 
 

@@ -154,7 +154,7 @@ def _run_jobs(jobs: list[tuple[str, int, dict[str, Any]]], workers: int) -> list
     if workers <= 1:
         return [search_job(name, seed, **params) for name, seed, params in jobs]
     from evomerge.flows.runners import build_dask_runner, current_api_url
-    from evomerge_core.runners import TaskRunnerConfig
+    from evomerge_core.config.task_runner import TaskRunnerConfig
 
     spec = TaskRunnerConfig(kind="dask", workers=workers, threads_per_worker=1)
     with build_dask_runner(spec, device="cpu", api_url=current_api_url()) as runner:
@@ -231,7 +231,7 @@ def search_seconds(result: dict[str, Any]) -> float:
 
 def _stage_result(storage: str, key: str, stage: int) -> dict[str, Any]:
     """`result.json` of one stage of a chained run."""
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
 
     result = RunStore(f"{storage}/{key}/stages", str(stage)).read_json("result.json")
     if result is None:

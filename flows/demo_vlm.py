@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from evomerge.flows.evolve import evolve
-from evomerge_core.runstore import RunStore
+from evomerge_core.runs.store import RunStore
 from evomerge_core.toyworld.vlm import (
     DEFAULT_VLM_EVALUATIONS,
     VLMZoo,
@@ -58,7 +58,7 @@ def score_source_vlm(size: str) -> dict[str, Any]:
 @task(name="score-vlm-baseline", task_run_name="vlm-merge-{label}", cache_policy=NO_CACHE)
 def score_vlm_baseline(size: str, label: str, out_dir: str) -> dict[str, Any]:
     """Merge `lang` into the VLM with one hand-set recipe, then score it on EN and JA test."""
-    from evomerge_core.vlm import merge_vlm_to_dir
+    from evomerge_core.kinds.vlm import merge_vlm_to_dir
 
     started = time.perf_counter()
     zoo = _zoo(size)

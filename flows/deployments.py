@@ -35,7 +35,7 @@ from prefect import flow
 
 from evomerge.flows.evolve import evolve
 from evomerge.flows.monitoring import slug
-from evomerge_core.config import RunConfig, load_run_config, parse_run_config
+from evomerge_core.config.schema import RunConfig, load_run_config, parse_run_config
 from evomerge_core.errors import EvomergeError, UsageError, is_bad_input
 
 SOURCE_REVISION_EVENT = "evomerge.source.revision-registered"
@@ -126,8 +126,8 @@ def _holder_dead(config: RunConfig) -> bool:
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from evomerge_core.evolution import open_store
-    from evomerge_core.resume import holder_is_gone
+    from evomerge_core.runs.search import open_store
+    from evomerge_core.runs.resume import holder_is_gone
 
     try:
         lease = open_store(config).read_lease()
@@ -242,7 +242,7 @@ def _run_evolve(config: RunConfig, resume: bool, key: str) -> Any:
     bad input is a Failed state (not retried) whose message names deployment parameters."""
     from prefect.states import Failed
 
-    from evomerge_core.evolution import RESULT, open_store
+    from evomerge_core.runs.search import RESULT, open_store
 
     _log_evomerge_warnings()
     try:
@@ -267,7 +267,7 @@ def _run_evolve(config: RunConfig, resume: bool, key: str) -> Any:
 
 def _prepare(config: RunConfig, resume: bool) -> dict[str, Any]:
     from evomerge.flows.cmd_evolve import preflight
-    from evomerge_core.evolution import check_run_free
+    from evomerge_core.runs.search import check_run_free
 
     preflight(config)
     check_run_free(config, resume=resume)
@@ -295,7 +295,7 @@ def evolve_config(config_path: str, run_key: str = "", storage: str = "", resume
 def resume_run(storage: str, run_key: str, generations: int | None = None) -> Any:
     """Continue the run `run_key` under `storage` from its frozen `config.yaml` (optionally with
     a larger generation budget)."""
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
 
     stored = RunStore(storage, run_key).read_config()
     if stored is None:
@@ -308,7 +308,7 @@ def resume_run(storage: str, run_key: str, generations: int | None = None) -> An
 
 def completed_event(config: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
     """The event that says the run `config` names has completed (resource `evomerge.run.<key>`)."""
-    from evomerge_core.evolution import RESULT, open_store
+    from evomerge_core.runs.search import RESULT, open_store
 
     store = open_store(config)
     key = config.effective_run_key()
@@ -339,8 +339,8 @@ def publish_run(storage: str, run_key: str, repo_id: str = "", private: bool = T
     from pathlib import Path
 
     from evomerge.flows.publish import publish
-    from evomerge_core.evolution import RESULT
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.search import RESULT
+    from evomerge_core.runs.store import RunStore
 
     store = RunStore(storage, run_key)
     stored = store.read_config()

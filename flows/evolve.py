@@ -34,9 +34,9 @@ from evomerge.tasks.evolve import (
 from evomerge.flows import budget
 from evomerge.flows.monitoring import RunMonitor
 from evomerge.flows.runners import candidate_runner, candidate_slots, map_candidates
-from evomerge_core import evolution
-from evomerge_core.config import RunConfig, parse_run_config
-from evomerge_core.resume import Run, candidate_keys, open_run
+from evomerge_core.runs import search as evolution
+from evomerge_core.config.schema import RunConfig, parse_run_config
+from evomerge_core.runs.resume import Run, candidate_keys, open_run
 from evomerge_core.spaces import build_space
 
 

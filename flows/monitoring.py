@@ -93,7 +93,7 @@ def _fmt(value: Any) -> str:
 
 def chart_image(summaries: Sequence[dict[str, Any]]) -> str:
     """Markdown of the fitness-over-generations plot as an inline PNG (`data:` URI)."""
-    from evomerge_core.report import plot_fitness
+    from evomerge_core.runs.report import plot_fitness
 
     buf = io.BytesIO()
     plot_fitness(list(summaries), buf)  # type: ignore[arg-type]  # savefig takes a file object too

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from evomerge.tasks.publish import discard_staging, push_to_hub, record_publication, stage_publication
-from evomerge_core import publish as core
+from evomerge_core.publish import hub as core
 
 
 @flow(name="publish", flow_run_name="publish-{repo_id}", validate_parameters=False)
@@ -65,8 +65,8 @@ def publish_run_best(config: dict[str, Any], best_url: str | None, source_paths:
     import tempfile
     from pathlib import Path
 
-    from evomerge_core.config import RunConfig
-    from evomerge_core.evolution import open_store
+    from evomerge_core.config.schema import RunConfig
+    from evomerge_core.runs.search import open_store
 
     cfg = RunConfig.model_validate(config)
     target = cfg.output.publish

@@ -4,7 +4,7 @@ The evolve flow opens `candidate_runner(cfg.runtime)` for the whole search and m
 generation's candidates with `map_candidates`: with ``kind: default`` that is `Task.map` on the
 flow's own task runner; with ``kind: dask`` the candidates go to a `prefect_dask.DaskTaskRunner`
 that lives as long as the search, so every worker process keeps its resident model
-(`evomerge_core.resident`) from one generation to the next. Only candidates go to Dask: the
+(`evomerge_core.kinds.resident`) from one generation to the next. Only candidates go to Dask: the
 flow's other tasks (sources, checkpoints, reports) stay in the flow's process.
 
 Each candidate carries the Dask resource annotation of `TaskRunnerConfig.resources` (``GPU: 1``
@@ -22,9 +22,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge_core.config import RuntimeConfig
+from evomerge_core.config.schema import RuntimeConfig
 from evomerge_core.errors import EvomergeError
-from evomerge_core.runners import TaskRunnerConfig
+from evomerge_core.config.task_runner import TaskRunnerConfig
 
 
 class CandidateRunError(EvomergeError):

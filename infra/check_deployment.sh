@@ -69,7 +69,7 @@ with get_client(sync_client=True) as client:
     # the search runs in the deployment's own flow run (no child run)
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["evolve-config-deploy-check"])))
     assert len(runs) == 1 and runs[0].deployment_id is not None and runs[0].state.is_completed(), [(r.name, r.state) for r in runs]
-from evomerge_core.runstore import RunStore
+from evomerge_core.runs.store import RunStore
 result = RunStore(f"file://{sys.argv[1]}/runs", "deploy-check").read_json("result.json")
 assert len(result["history"]) == 8, len(result["history"])
 print(f"check_deployment: OK: deployment run completed on a process worker; best fitness {result['best_fitness']:.4f}")

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from evomerge_core.merge.engine import merge_to_dir
-from evomerge_core.runstore import RunStore
+from evomerge_core.runs.store import RunStore
 from evomerge_core.toyworld import build_zoo, load_zoo
 from evomerge_core.toyworld.demo import baseline_recipes, score_model
 

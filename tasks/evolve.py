@@ -8,10 +8,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from evomerge_core import evolution, resume
-from evomerge_core.config import RunConfig
-from evomerge_core.evaluate import get_evaluator
-from evomerge_core.report import write_report
+from evomerge_core.runs import search as evolution
+from evomerge_core.runs import resume
+from evomerge_core.config.schema import RunConfig
+from evomerge_core.kinds.evaluate import get_evaluator
+from evomerge_core.runs.report import write_report
 
 
 def _config(config: dict[str, Any]) -> RunConfig:

@@ -1,4 +1,4 @@
-"""Prefect tasks of the publish flow: thin wrappers around `evomerge_core.publish`.
+"""Prefect tasks of the publish flow: thin wrappers around `evomerge_core.publish.hub`.
 
 The Hub token is never a task parameter or a task result (Prefect records both): the push task
 resolves it itself from a Prefect Secret block (by name), ``HF_TOKEN`` or the huggingface_hub
@@ -14,14 +14,14 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from evomerge_core import publish as core
+from evomerge_core.publish import hub as core
 
 
 def open_run_store(run_url: str | None, run_config: dict[str, Any] | None):
     """The run store named by an evolve config (storage options included) or a run URL."""
     if run_config is not None:
-        from evomerge_core.config import RunConfig
-        from evomerge_core.evolution import open_store
+        from evomerge_core.config.schema import RunConfig
+        from evomerge_core.runs.search import open_store
 
         return open_store(RunConfig.model_validate(run_config))
     return core.open_run(run_url) if run_url else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge_core.config import DatasetSpec, template_fields
+from evomerge_core.config.schema import DatasetSpec, template_fields
 from evomerge_core.errors import ConfigError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -9,7 +9,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from evomerge_core.config import FitnessConfig
+from evomerge_core.config.schema import FitnessConfig
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.data import load_items, render_prompts
 from evomerge_core.fitness.registry import ScoreContext, accuracy_scorer, get_scorer

@@ -64,7 +64,7 @@ class ScoreContext:
     def outputs(self) -> list[str]:
         """Greedy generations for `prompts` (computed once)."""
         if "outputs" not in self.cache:
-            from evomerge_core.generation import greedy_generate
+            from evomerge_core.generation.hf_loop import greedy_generate
 
             stats: dict[str, Any] = {}
             self.cache["outputs"] = greedy_generate(

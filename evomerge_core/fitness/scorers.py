@@ -94,7 +94,7 @@ def answer_logprob(ctx: ScoreContext) -> float:
 def _logprob_items(ctx: ScoreContext) -> list[float]:
     """Per-row mean answer log-probabilities; the answer tokens scored go to ``ctx.cache``
     (``scored_tokens``: one forward position each, the cost records count them)."""
-    from evomerge_core.generation import answer_logprobs
+    from evomerge_core.generation.hf_loop import answer_logprobs
 
     template = str(ctx.options.get("answer_template", "{answer}"))
     answers = [template.format(**row) for row in ctx.rows]

@@ -205,7 +205,7 @@ def vqa_generate(model: Any, processor: Any, images: Sequence[Any], texts: Seque
     """Greedy answers of a VLM to (image, text) pairs, cut at stop strings and stripped."""
     import torch
 
-    from evomerge_core.generation import truncate_at_stop
+    from evomerge_core.generation.hf_loop import truncate_at_stop
 
     tok = processor.tokenizer
     tok.padding_side = "left"

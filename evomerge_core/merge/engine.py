@@ -20,9 +20,9 @@ from typing import Mapping
 
 import torch
 
-from evomerge_core.architectures import is_vocab_tensor, layer_index
+from evomerge_core.sources.architectures import is_vocab_tensor, layer_index
 from evomerge_core.errors import MergeError
-from evomerge_core.io import TOKENIZER_FILES, PlannedTensor, copy_files, replace_dir
+from evomerge_core.io.model_files import TOKENIZER_FILES, PlannedTensor, copy_files, replace_dir
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
 from evomerge_core.merge.kernels import cpu_parallelism, release_workspace
 from evomerge_core.merge.moe import check_expert_merge
@@ -31,7 +31,7 @@ from evomerge_core.merge.outdir import (check_not_a_source, make_temp_dir, remov
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params, unmatched_filters
 from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.merge.recipe import MergeRecipe
-from evomerge_core.sources import validate_sources
+from evomerge_core.sources.resolve import validate_sources
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from evomerge_core.errors import SourceError
-from evomerge_core.io import (
+from evomerge_core.io.model_files import (
     SAFETENSORS_INDEX,
     SINGLE_FILE,
     LazyModelReader,

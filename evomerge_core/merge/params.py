@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from evomerge_core.architectures import is_vision_tensor, layer_index
+from evomerge_core.sources.architectures import is_vision_tensor, layer_index
 from evomerge_core.errors import ConfigError, MergeError
 from evomerge_core.merge.methods import PARAM_RANGES, REQUIRED, MergeMethod, get_method
 from evomerge_core.merge.recipe import ConditionalValue, MergeRecipe

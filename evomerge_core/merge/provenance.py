@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from evomerge_core.licenses import describe_source
+from evomerge_core.publish.licenses import describe_source
 
 SOURCES_FILE = "evomerge_sources.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")

@@ -1,7 +1,7 @@
 """Search spaces: decode an optimizer's vector into a recipe (``ps``: a merge recipe,
 ``dfs``: a layer path through two models).
 
-Nothing is imported eagerly: `evomerge_core.config` imports `spaces.dfs` (for the
+Nothing is imported eagerly: `evomerge_core.config.schema` imports `spaces.dfs` (for the
 ``space.dfs`` schema) and `spaces.ps` imports `config`, so eager imports here would cycle.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
-    from evomerge_core.config import RunConfig
+    from evomerge_core.config.schema import RunConfig
     from evomerge_core.spaces.dfs import DFSSpace
     from evomerge_core.spaces.ps import GenomeEntry, PSSpace
 
@@ -37,7 +37,7 @@ def build_space(config: RunConfig, *, num_layers: int | None = None, num_layers_
 
 def needs_num_layers(config: RunConfig) -> bool:
     """True when the space needs the sources' layer count before it can be built."""
-    from evomerge_core.config import LayerGroups
+    from evomerge_core.config.schema import LayerGroups
 
     if config.space.kind == "dfs":
         return True

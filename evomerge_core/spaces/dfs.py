@@ -238,8 +238,8 @@ class DFSSpace:
     def from_sources(cls, config: DFSSpaceConfig, sources: Mapping[str, str | Path]) -> DFSSpace:
         """The space for resolved sources (``{ref: local dir}``): checks that A and B can be
         combined (same layer shapes, a supported decoder family) and reads their depths."""
-        from evomerge_core.dataflow import check_pair
-        from evomerge_core.io import read_config
+        from evomerge_core.kinds.dfs_model import check_pair
+        from evomerge_core.io.model_files import read_config
 
         for ref in (config.model_a, config.model_b):
             if ref not in sources:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge_core.config import LayerGroups, RunConfig
+from evomerge_core.config.schema import LayerGroups, RunConfig
 from evomerge_core.errors import ConfigError
 from evomerge_core.merge.methods import get_method
 from evomerge_core.merge.recipe import ConditionalValue, MergeRecipe, ModelEntry, ParamValue

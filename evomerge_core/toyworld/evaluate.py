@@ -1,4 +1,4 @@
-"""Exact-match evaluation of a model on toy-world rows, via `evomerge_core.generation`."""
+"""Exact-match evaluation of a model on toy-world rows, via `evomerge_core.generation.hf_loop`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..generation import greedy_generate
+from evomerge_core.generation.hf_loop import greedy_generate
 
 PROMPT_TEMPLATE = "{prompt}"
 STOP_STRINGS = ["\n"]

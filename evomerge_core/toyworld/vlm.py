@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from evomerge_core.errors import UsageError
 from .tasks import fullwidth
 from .train import optimise
 
@@ -328,7 +328,7 @@ def make_trained_vlm(lm_dir: Path, out_dir: Path, tasks_dir: Path, train_rows: d
     the same inputs give the same bytes (fixed threads, deterministic kernels, seeded)."""
     from PIL import Image
 
-    from .. import vlm as vlm_core
+    from evomerge_core.kinds import vlm as vlm_core
     from .evaluate import quiet_progress
     from .train import deterministic_torch
 
@@ -444,7 +444,7 @@ def score_vlm_dir(model_dir: Path | str, zoo: VLMZoo, *, split: str = "test") ->
     """Mean ROUGE-L (script-checked for JA) of a saved VLM on the zoo's EN and JA `split`."""
     from PIL import Image
 
-    from .. import vlm as vlm_core
+    from evomerge_core.kinds import vlm as vlm_core
     from ..fitness.vqa import item_score, vqa_generate, vqa_prompts
     from .zoo import read_rows
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from evomerge_core.errors import UsageError
 from .evaluate import MAX_NEW_TOKENS, PROMPT_TEMPLATE, STOP_STRINGS, quiet_progress
 from .recipes import CODE_VERSION, MODEL_NAMES, RECIPES, Recipe
 from .tasks import SPLITS, World, make_world, split_rows, union_rows

@@ -317,7 +317,7 @@ def _stub_flow_modules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, family, tmp_path, monkeypatch, capsys, request):
-    import evomerge_core.resident as resident
+    import evomerge_core.kinds.resident as resident
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded for bad input")

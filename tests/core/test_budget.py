@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge_core.budget import irt, plan
-from evomerge_core.budget.config import BudgetConfig
-from evomerge_core.budget.racing import beats, run_race, to_stop, told_fitness
-from evomerge_core.config import FitnessConfig, parse_run_config
+from evomerge_core.fitness.budget import irt, plan
+from evomerge_core.fitness.budget.config import BudgetConfig
+from evomerge_core.fitness.budget.racing import beats, run_race, to_stop, told_fitness
+from evomerge_core.config.schema import FitnessConfig, parse_run_config
 from evomerge_core.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -114,7 +114,7 @@ def test_plan_calibrates_subset_and_caps_and_is_json_round_trip():
 def test_greedy_generate_per_prompt_caps_equal_single_prompt_decoding(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge_core.generation import greedy_generate
+    from evomerge_core.generation.hf_loop import greedy_generate
 
     torch.set_num_threads(1)
     path = make_tiny_llama(tmp_path / "m", seed=0)
@@ -172,7 +172,7 @@ def test_answer_line_caps_stop_rows_at_the_newline_only_in_budgeted_scoring(tmp_
         stats["row_tokens"] = [2] * len(prompts)
         return ["1\n"] * len(prompts)
 
-    monkeypatch.setattr("evomerge_core.generation.greedy_generate", fake_generate)
+    monkeypatch.setattr("evomerge_core.generation.hf_loop.greedy_generate", fake_generate)
     cfg = FitnessConfig(dataset={"path": str(path), "columns": {"prompt": "q", "answer": "a"}}, scorer="exact_match",
                         stop_strings=["="], budget={"length_caps": {"answer_line": True}})
     fit = Fitness(cfg)

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import ModelCard
 
-from evomerge_core.card import CardInputs, build_model_card, pipeline_tag_for, validate_card_text
-from evomerge_core.contamination import check_run_contamination, describe_contamination, find_contamination
+from evomerge_core.publish.card import CardInputs, build_model_card, pipeline_tag_for, validate_card_text
+from evomerge_core.fitness.contamination import check_run_contamination, describe_contamination, find_contamination
 from evomerge_core.errors import ConfigError, UsageError
-from evomerge_core.licenses import (
+from evomerge_core.publish.licenses import (
     LicenseError,
     SourceLicense,
     describe_source,
@@ -20,7 +20,7 @@ from evomerge_core.licenses import (
     front_matter,
     merge_licenses,
 )
-from evomerge_core.publish import check_repo_id
+from evomerge_core.publish.hub import check_repo_id
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -81,7 +81,7 @@ def test_held_out_split_is_not_checked():
 
 
 def test_paper_example_config_passes_the_guard():
-    from evomerge_core.config import load_run_config
+    from evomerge_core.config.schema import load_run_config
 
     example = Path(__file__).resolve().parents[2] / "examples" / "evollm-jp-ps.yaml"
     assert check_run_contamination(load_run_config(example)) == []
@@ -273,7 +273,7 @@ def run_config_dict(**fitness) -> dict:
 
 
 def test_config_validation_refuses_benchmark_test_selection_unless_allowed():
-    from evomerge_core.config import parse_run_config
+    from evomerge_core.config.schema import parse_run_config
 
     gsm8k_test = {"path": "openai/gsm8k", "name": "main", "split": "test"}
     with pytest.raises(ConfigError, match="openai/gsm8k split 'test'.*GSM8K.*allow_benchmark_test_split: true"):

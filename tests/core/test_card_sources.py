@@ -48,7 +48,7 @@ def hub_source(hub, tmp_path, monkeypatch):
 
 
 def test_card_records_hub_commit_and_no_local_paths(hub_source, tmp_path):
-    from evomerge_core.publish import plan_publication
+    from evomerge_core.publish.hub import plan_publication
 
     family, commit = hub_source
     cfg = {"merge_method": "task_arithmetic", "base_model": REPO,
@@ -74,8 +74,8 @@ def test_card_records_hub_commit_and_no_local_paths(hub_source, tmp_path):
 
 
 def test_public_path_helpers_leave_hub_ids_and_urls_alone():
-    from evomerge_core.card import _public_path, public_names, scrub_yaml_text
-    from evomerge_core.licenses import SourceModel
+    from evomerge_core.publish.card import _public_path, public_names, scrub_yaml_text
+    from evomerge_core.publish.licenses import SourceModel
 
     sources = [SourceModel("org/a@v1", "org/a", "v1"), SourceModel("/data/models/b", None, None),
                SourceModel("/c/models--org--c/snapshots/" + "0" * 40, "org/c", "0" * 40)]
@@ -92,7 +92,7 @@ def test_public_path_helpers_leave_hub_ids_and_urls_alone():
 def test_staged_publish_folder_has_umask_permissions(tmp_path):
     import os
 
-    from evomerge_core.publish import plan_publication, stage_folder
+    from evomerge_core.publish.hub import plan_publication, stage_folder
 
     family = make_tiny_family(tmp_path / "models", n_finetunes=1)
     cfg = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 0.5}},

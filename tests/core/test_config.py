@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge_core.config import DEFAULT_EVALUATIONS, load_run_config, parse_run_config
+from evomerge_core.config.schema import DEFAULT_EVALUATIONS, load_run_config, parse_run_config
 from evomerge_core.errors import ConfigError, UsageError
-from evomerge_core.optim import default_popsize
+from evomerge_core.optim.cmaes import default_popsize
 from evomerge_core.spaces import build_space
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge_core.config import dump_run_config, load_run_config, parse_run_config
+from evomerge_core.config.schema import dump_run_config, load_run_config, parse_run_config
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.evaluator import minibatch_indices
 from evomerge_core.spaces import build_space

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from evomerge_core.config import RunConfig, parse_run_config
+from evomerge_core.config.schema import RunConfig, parse_run_config
 from evomerge_core.errors import ConfigError
 
 N_CONFIGS = 240

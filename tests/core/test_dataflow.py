@@ -14,10 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import save_tiny_tokenizer, tiny_llama_config  # noqa: E402
 
-from evomerge_core.dataflow import DataflowModel  # noqa: E402
-from evomerge_core.dataflow_export import RECIPE_FILE, materialise_dfs  # noqa: E402
+from evomerge_core.kinds.dfs_model import DataflowModel  # noqa: E402
+from evomerge_core.kinds.dfs_export import RECIPE_FILE, materialise_dfs  # noqa: E402
 from evomerge_core.errors import ConfigError, MergeError, SourceError  # noqa: E402
-from evomerge_core.generation import answer_logprobs, greedy_generate  # noqa: E402
+from evomerge_core.generation.hf_loop import answer_logprobs, greedy_generate  # noqa: E402
 from evomerge_core.spaces.dfs import DFSHop, DFSRecipe, DFSSpace, DFSSpaceConfig  # noqa: E402
 
 torch.set_num_threads(1)
@@ -283,7 +283,7 @@ def test_bfloat16_dynamic_path_matches_bfloat16_export(pair, batch, tmp_path):
 
 
 def test_get_dataflow_model_caches_per_process(pair):
-    from evomerge_core.dataflow import clear_dataflow_cache, get_dataflow_model
+    from evomerge_core.kinds.dfs_model import clear_dataflow_cache, get_dataflow_model
 
     first = get_dataflow_model(*pair)
     assert get_dataflow_model(*pair) is first

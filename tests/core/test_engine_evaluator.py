@@ -13,10 +13,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_family  # noqa: E402
 
-from evomerge_core.config import parse_run_config  # noqa: E402
-from evomerge_core.engine import _ENGINES  # noqa: E402
-from evomerge_core.evaluate import CandidateEvaluator  # noqa: E402
-from evomerge_core.resident import clear_resident_cache  # noqa: E402
+from evomerge_core.config.schema import parse_run_config  # noqa: E402
+from evomerge_core.generation.engine import _ENGINES  # noqa: E402
+from evomerge_core.kinds.evaluate import CandidateEvaluator  # noqa: E402
+from evomerge_core.kinds.resident import clear_resident_cache  # noqa: E402
 
 
 def test_engine_and_hf_score_a_candidate_alike(tmp_path):

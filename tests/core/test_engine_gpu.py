@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_models import CAPS, EOS, FAMILIES, PAD, PROMPTS, hf_reference, make_family_model  # noqa: E402
 from tiny_models import save_tiny_tokenizer  # noqa: E402
 
-from evomerge_core.engine import engine_for, engine_generate  # noqa: E402
+from evomerge_core.generation.engine import engine_for, engine_generate  # noqa: E402
 
 try:
     import pytest

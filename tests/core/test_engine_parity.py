@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_models import CAPS, EOS, FAMILIES, PAD, PROMPTS, hf_reference, make_family_model  # noqa: E402
 from tiny_models import save_tiny_tokenizer  # noqa: E402
 
-from evomerge_core.engine import engine_for, engine_generate  # noqa: E402
-from evomerge_core.generation import greedy_generate, truncate_at_stop  # noqa: E402
+from evomerge_core.generation.engine import engine_for, engine_generate  # noqa: E402
+from evomerge_core.generation.hf_loop import greedy_generate, truncate_at_stop  # noqa: E402
 
 
 

@@ -12,11 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests_engine_helpers import tiny_llama  # noqa: E402
 
-from evomerge_core.config import RuntimeConfig  # noqa: E402
-from evomerge_core.engine import choose_backend, generation_backend, unsupported_reason  # noqa: E402
-from evomerge_core.engine.scheduler import LengthHistory  # noqa: E402
-from evomerge_core.engine.stops import StopDetector  # noqa: E402
-from evomerge_core.engine.streaming import stream_sources  # noqa: E402
+from evomerge_core.config.schema import RuntimeConfig  # noqa: E402
+from evomerge_core.generation.engine import choose_backend, generation_backend, unsupported_reason  # noqa: E402
+from evomerge_core.generation.engine.scheduler import LengthHistory  # noqa: E402
+from evomerge_core.generation.engine.stops import StopDetector  # noqa: E402
+from evomerge_core.generation.engine.streaming import stream_sources  # noqa: E402
 
 
 class _Tok:

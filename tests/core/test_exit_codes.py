@@ -20,13 +20,13 @@ import evomerge.flows.cmd_toyworld as cmd_toyworld  # noqa: E402
 from evomerge.flows.cli import main  # noqa: E402
 from evomerge.flows.prefect_api import PrefectAPIError  # noqa: E402
 from evomerge.flows.runners import CandidateRunError  # noqa: E402
-from evomerge_core.card import CardError  # noqa: E402
+from evomerge_core.publish.card import CardError  # noqa: E402
 from evomerge_core.errors import (ConfigError, EvomergeError, MergeError, SourceError, StorageError,  # noqa: E402
                                   StorageURLError, UsageError)
-from evomerge_core.evaluate import CandidateOutOfMemory  # noqa: E402
-from evomerge_core.licenses import LicenseError  # noqa: E402
-from evomerge_core.publish import PublishError  # noqa: E402
-from evomerge_core.runstore import CorruptObjectError  # noqa: E402
+from evomerge_core.kinds.evaluate import CandidateOutOfMemory  # noqa: E402
+from evomerge_core.publish.licenses import LicenseError  # noqa: E402
+from evomerge_core.publish.hub import PublishError  # noqa: E402
+from evomerge_core.runs.store import CorruptObjectError  # noqa: E402
 
 BAD_INPUT, FAILED = 2, 1
 RULE: dict[type[EvomergeError], int] = {

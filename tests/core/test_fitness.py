@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge_core.config import DatasetSpec, FitnessConfig
+from evomerge_core.config.schema import DatasetSpec, FitnessConfig
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.data import load_items
 from evomerge_core.fitness.evaluator import Fitness
@@ -165,7 +165,7 @@ def test_fitness_scores_a_model_with_graded_fitness_and_accuracy(tiny, tmp_path)
     fit = Fitness(config)
     assert fit.prompts[0] == "q: what is 0 plus 1? "
     out = fit.score(model, tok)
-    from evomerge_core.generation import answer_logprobs
+    from evomerge_core.generation.hf_loop import answer_logprobs
 
     expected = answer_logprobs(model, tok, fit.prompts, ["1", "2", "3"])
     assert out["fitness"] == pytest.approx(sum(expected) / 3)
@@ -173,7 +173,7 @@ def test_fitness_scores_a_model_with_graded_fitness_and_accuracy(tiny, tmp_path)
 
 
 def test_check_logits_flags_nan(tiny):
-    from evomerge_core.evaluate import check_logits
+    from evomerge_core.kinds.evaluate import check_logits
 
     model, tok = tiny
     check_logits(model, tok, ["what is 1"])
@@ -192,7 +192,7 @@ def test_logprob_scorer_flags_nan_inf_logits_itself(tiny, poison):
     """`logprob` raises on NaN/inf logits in its own forward passes, so the evaluator skips
     its separate check pass for it (and only for scorers that declare it)."""
     from evomerge_core.fitness.registry import get_scorer
-    from evomerge_core.generation import answer_logprobs
+    from evomerge_core.generation.hf_loop import answer_logprobs
 
     assert get_scorer("logprob").checks_logits and not get_scorer("exact_match").checks_logits
     model, tok = tiny

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge_core.config import parse_run_config
+from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import ConfigError
-from evomerge_core.resume import ALLOWED_CHANGES, evaluation_config
-from evomerge_core.runstore import diff_configs
+from evomerge_core.runs.resume import ALLOWED_CHANGES, evaluation_config
+from evomerge_core.runs.store import diff_configs
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"sources": [{"model": "a", "base": True}, {"model": "b"}], "fitness": {"dataset": {"path": "x.jsonl"}}}

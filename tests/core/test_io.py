@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evomerge_core.errors import SourceError
-from evomerge_core.io import SAFETENSORS_INDEX, LazyModelReader, PlannedTensor, ShardedWriter, plan_shards, read_header, write_state_dict
+from evomerge_core.io.model_files import SAFETENSORS_INDEX, LazyModelReader, PlannedTensor, ShardedWriter, plan_shards, read_header, write_state_dict
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from evomerge.flows.cli import main  # noqa: E402
-from evomerge_core.io import LazyModelReader  # noqa: E402
+from evomerge_core.io.model_files import LazyModelReader  # noqa: E402
 
 torch.set_num_threads(1)
 EXPERTS = 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge_core.io import LazyModelReader, PlannedTensor, ShardedWriter
+from evomerge_core.io.model_files import LazyModelReader, PlannedTensor, ShardedWriter
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_family, make_tiny_llama  # noqa: E402
 
 from evomerge.flows.cli import main  # noqa: E402
-from evomerge_core.io import TOKENIZER_FILES, LazyModelReader  # noqa: E402
+from evomerge_core.io.model_files import TOKENIZER_FILES, LazyModelReader  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -263,7 +263,7 @@ def test_running_merges_temp_dir_is_kept_killed_ones_is_removed(big_family, tmp_
 
 
 def test_dfs_output_has_umask_permissions(family, tmp_path):
-    from evomerge_core.dataflow_export import materialise_dfs
+    from evomerge_core.kinds.dfs_export import materialise_dfs
     from evomerge_core.spaces.dfs import DFSRecipe
 
     old = os.umask(0o022)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evomerge_core.errors import ConfigError, StorageError
-from evomerge_core.optim import CMAES, default_popsize
+from evomerge_core.optim.cmaes import CMAES, default_popsize
 
 TARGET = np.array([0.8, 0.2, 0.6, 0.95])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evomerge_core.config import parse_run_config
+from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import ConfigError
 from evomerge_core.merge.params import evaluate_setting
 from evomerge_core.spaces import build_space, needs_num_layers

@@ -11,12 +11,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_family  # noqa: E402
 
-from evomerge_core import resident as resident_mod  # noqa: E402
+from evomerge_core.kinds import resident as resident_mod  # noqa: E402
 from evomerge_core.errors import MergeError  # noqa: E402
-from evomerge_core.io import LazyModelReader  # noqa: E402
+from evomerge_core.io.model_files import LazyModelReader  # noqa: E402
 from evomerge_core.merge.engine import merge_state_dicts  # noqa: E402
 from evomerge_core.merge.recipe import MergeRecipe  # noqa: E402
-from evomerge_core.resident import ResidentModel  # noqa: E402
+from evomerge_core.kinds.resident import ResidentModel  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -9,14 +9,15 @@ import time
 
 import pytest
 
-from evomerge_core import faults, resume
+from evomerge_core.runs import faults
+from evomerge_core.runs import resume
 from evomerge_core.errors import ConfigError, StorageError, UsageError
-from evomerge_core.evolution import RESULT, stored_config
-from evomerge_core.runstore import CorruptObjectError, RunStore, RunStoreWarning
+from evomerge_core.runs.search import RESULT, stored_config
+from evomerge_core.runs.store import CorruptObjectError, RunStore, RunStoreWarning
 
 
 def _config(tmp_path, **optimizer):
-    from evomerge_core.config import parse_run_config
+    from evomerge_core.config.schema import parse_run_config
 
     return parse_run_config({
         "run_key": "r1",
@@ -79,7 +80,7 @@ def test_fault_hook_parsing_and_failure(monkeypatch):
 
 
 def test_fault_kills_the_process_at_the_named_candidate(tmp_path):
-    code = ("from evomerge_core import faults\n"
+    code = ("from evomerge_core.runs import faults\n"
             "for i in range(5):\n    print(i, flush=True)\n    faults.candidate_stored()\n")
     proc = subprocess.run([sys.executable, "-c", code], env={"EVOMERGE_FAULT": "kill_after_candidates:3",
                                                               "PATH": "/usr/bin:/bin"},
@@ -163,7 +164,7 @@ def test_candidate_keys_depend_on_genome_sources_and_evaluation_config(tmp_path)
     assert k1 == resume.candidate_keys(config, revs, [[0.1, 0.2]])
     assert k1 != resume.candidate_keys(config, revs, [[0.1, 0.2000001]])
     assert k1 == resume.candidate_keys(_config(tmp_path, generations=9), revs, [[0.1, 0.2]])  # budget: same
-    from evomerge_core.config import parse_run_config
+    from evomerge_core.config.schema import parse_run_config
 
     other = parse_run_config({**config.model_dump(mode="json"), "runtime": {"dtype": "bfloat16"}})
     assert k1 != resume.candidate_keys(other, revs, [[0.1, 0.2]])
@@ -176,7 +177,7 @@ def test_optimizer_state_round_trip_continues_identically(popsize):
     """A small population makes `cma` keep a `range` in its state; it must load (regression)."""
     import json
 
-    from evomerge_core.optim import CMAES
+    from evomerge_core.optim.cmaes import CMAES
 
     def f(v):
         return -sum((x - 0.3) ** 2 for x in v)

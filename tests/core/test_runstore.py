@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evomerge_core.errors import ConfigError, StorageError
-from evomerge_core.runstore import (
+from evomerge_core.runs.store import (
     CorruptObjectError,
     RunStore,
     RunStoreWarning,
@@ -20,7 +20,7 @@ from evomerge_core.runstore import (
     diff_configs,
     ensure_same_config,
 )
-from evomerge_core.storage import parse_storage_url
+from evomerge_core.runs.storage import parse_storage_url
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_family, make_tiny_llama  # noqa: E402
 
 from evomerge_core.errors import SourceError  # noqa: E402
-from evomerge_core.io import LazyModelReader  # noqa: E402
-from evomerge_core.sources import parse_hub_ref, resolve_source, validate_sources  # noqa: E402
+from evomerge_core.io.model_files import LazyModelReader  # noqa: E402
+from evomerge_core.sources.resolve import parse_hub_ref, resolve_source, validate_sources  # noqa: E402
 
 
 @pytest.fixture(scope="module")

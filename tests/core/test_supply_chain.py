@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from evomerge_core.errors import SourceError  # noqa: E402
-from evomerge_core.sources import PICKLE_PATTERNS, resolve_source  # noqa: E402
+from evomerge_core.sources.resolve import PICKLE_PATTERNS, resolve_source  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +53,8 @@ def test_every_torch_load_is_weights_only():
 def test_pickle_is_only_read_by_the_restricted_unpickler():
     readers = {name for name, text in _code().items()
                if re.search(r"\bpickle\.(load|loads|Unpickler)\b|\bdill\b|\bcloudpickle\.load|joblib\.load", text)}
-    assert readers == {"evomerge_core/optim.py"}, readers
-    assert "class _RestrictedUnpickler(pickle.Unpickler)" in _code()["evomerge_core/optim.py"]
+    assert readers == {"evomerge_core/optim/cmaes.py"}, readers
+    assert "class _RestrictedUnpickler(pickle.Unpickler)" in _code()["evomerge_core/optim/cmaes.py"]
 
 
 def test_hub_downloads_skip_pickle_weights_unless_allowed(monkeypatch, tmp_path):
@@ -96,15 +96,15 @@ def test_allowed_pickle_with_code_is_refused_and_not_run(tmp_path):
 def test_evolve_sources_allow_pickle_only_when_the_source_says_so():
     # The evolve / DFS / VLM runs resolve sources with each source's own opt-in
     # (`sources[].allow_pickle`, default false); `evomerge merge` with --allow-pickle.
-    from evomerge_core.config import SourceSpec
+    from evomerge_core.config.schema import SourceSpec
 
     calls = [(name, m.group(0)) for name, text in _code().items() for m in re.finditer(r"resolve_source\([^)]*\)", text)
-             if name != "evomerge_core/sources.py"]
+             if name != "evomerge_core/sources/resolve.py"]
     assert calls
     for name, call in calls:
         assert "allow_pickle=True" not in call, (name, call)
         if name != "flows/cmd_merge.py":
             assert "allow_pickle" not in call, (name, call)
     assert "allow_pickle=args.allow_pickle" in _code()["flows/cmd_merge.py"]
-    assert "allow_pickle=spec.allow_pickle" in _code()["evomerge_core/sources.py"]
+    assert "allow_pickle=spec.allow_pickle" in _code()["evomerge_core/sources/resolve.py"]
     assert SourceSpec(model="org/name").allow_pickle is False

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from evomerge_core.errors import UsageError
-from evomerge_core.generation import greedy_generate
+from evomerge_core.generation.hf_loop import greedy_generate
 from evomerge_core.toyworld import (
     MODEL_NAMES,
     RECIPES,

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from evomerge_core.errors import SourceError  # noqa: E402
-from evomerge_core.io import LazyModelReader  # noqa: E402
+from evomerge_core.io.model_files import LazyModelReader  # noqa: E402
 from evomerge_core.merge.recipe import MergeRecipe, ModelEntry  # noqa: E402
 from evomerge_core.toyworld.vlm import make_tiny_llava  # noqa: E402
-from evomerge_core.vlm import (  # noqa: E402
+from evomerge_core.kinds.vlm import (  # noqa: E402
     VLM_FAMILIES,
     ResidentVLM,
     merge_vlm_to_dir,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge_core.config import load_run_config, parse_run_config
+from evomerge_core.config.schema import load_run_config, parse_run_config
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.fitness.registry import ScoreContext, get_scorer

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evomerge_core.config import parse_run_config  # noqa: E402
+from evomerge_core.config.schema import parse_run_config  # noqa: E402
 from evomerge_core.toyworld.vlm import (  # noqa: E402
     COLOURS,
     Scene,
@@ -64,7 +64,7 @@ def test_train_vlm_lowers_the_loss(tmp_path):
     from tiny_models import make_tiny_llama
 
     from evomerge_core.toyworld.vlm import make_tiny_llava
-    from evomerge_core.vlm import load_processor, load_vlm_model
+    from evomerge_core.kinds.vlm import load_processor, load_vlm_model
 
     torch.set_num_threads(1)
     base = make_tiny_llama(tmp_path / "base", 0)

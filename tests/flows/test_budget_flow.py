@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from evomerge_core import faults
-from evomerge_core.evaluate import clear_evaluators
-from evomerge_core.faults import InjectedFault
+from evomerge_core.runs import faults
+from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.runs.faults import InjectedFault
 
 pytestmark = pytest.mark.timeout(600)  # a shared 2-core box under load runs it 5-10x slower
 COLUMNS = {"prompt": "question", "answer": "target"}

@@ -10,9 +10,9 @@ import pytest
 
 from test_dfs_flow import COLUMNS
 
-from evomerge_core import faults
-from evomerge_core.evaluate import clear_evaluators
-from evomerge_core.faults import InjectedFault
+from evomerge_core.runs import faults
+from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.runs.faults import InjectedFault
 
 
 def _chain(family, data, storage, run_key: str) -> dict:

@@ -11,9 +11,9 @@ from prefect import flow, unmapped
 
 from test_evolve import make_config
 
-from evomerge_core.config import parse_run_config
+from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import EvomergeError
-from evomerge_core.evaluate import clear_evaluators
+from evomerge_core.kinds.evaluate import clear_evaluators
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -82,7 +82,7 @@ def _probe() -> dict:
     """Run on each worker: its pid, torch threads and resident model(s)."""
     import torch
 
-    from evomerge_core import resident
+    from evomerge_core.kinds import resident
 
     return {"pid": os.getpid(), "threads": torch.get_num_threads(), "resident": [id(m) for m in resident._CACHE.values()]}
 
@@ -111,7 +111,7 @@ def probe_flow(config: dict, paths: dict) -> tuple:
 def test_local_cluster_workers_resident_models_threads_and_loopback(tiny_family, tiny_dataset, tmp_path):
     """Each worker process builds its resident model once and reuses it; torch uses one thread;
     scheduler and workers listen on 127.0.0.1 only."""
-    from evomerge_core.evolution import resolve_run_sources
+    from evomerge_core.runs.search import resolve_run_sources
 
     cfg = parse_run_config(make_config(tiny_family, tiny_dataset, tmp_path, "direct",
                                        runtime={"task_runner": LOCAL_DASK}))

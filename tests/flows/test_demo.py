@@ -63,7 +63,7 @@ def test_evolved_merge_beats_every_source_on_union_train(micro_demo):
 
 
 def test_psdfs_row_comes_from_a_chained_run_whose_dfs_stage_starts_from_the_ps_model(micro_demo):
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
 
     out, _ = micro_demo
     storage = (out / "runs").as_uri()

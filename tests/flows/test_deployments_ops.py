@@ -18,7 +18,7 @@ from evomerge.flows.deployments import (
     expand_run_key,
     slot_name,
 )
-from evomerge_core.config import parse_run_config
+from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import ConfigError, UsageError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from evomerge_core.config import parse_run_config
-from evomerge_core.evaluate import clear_evaluators
-from evomerge_core.evolution import open_store
+from evomerge_core.config.schema import parse_run_config
+from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.runs.search import open_store
 from evomerge_core.fitness.evaluator import Fitness, minibatch_indices
 from evomerge_core.spaces.dfs import DFSRecipe, DFSSpace
 
@@ -197,7 +197,7 @@ def wide_model(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(BAD_DFS))
 def test_bad_dfs_input_exits_2_before_any_model_or_file(case, tiny_family, tiny_dataset, wide_model, tmp_path, capsys,
                                                         monkeypatch):
-    import evomerge_core.dataflow as dataflow
+    import evomerge_core.kinds.dfs_model as dataflow
     from evomerge.flows.cli import main
 
     def no_models(*args, **kwargs):

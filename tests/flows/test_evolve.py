@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from evomerge_core.config import parse_run_config
+from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import UsageError
-from evomerge_core.evaluate import clear_evaluators
-from evomerge_core.evolution import check_run_free, open_store
+from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.runs.search import check_run_free, open_store
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.spaces import build_space
 

@@ -75,7 +75,7 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_bad_config_exits_2_before_loading_models(case, tiny_dataset, tmp_path, capsys, monkeypatch):
-    import evomerge_core.resident as resident
+    import evomerge_core.kinds.resident as resident
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded for a bad config")

@@ -8,7 +8,7 @@ import pytest
 from test_evolve import make_config
 
 from evomerge.flows.monitoring import artifact_key, bar, best_markdown, candidate_rows, chart_image, fitness_chart
-from evomerge_core.evaluate import clear_evaluators
+from evomerge_core.kinds.evaluate import clear_evaluators
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge_core.config import parse_run_config
+from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import ConfigError, SourceError
-from evomerge_core.evaluate import clear_evaluators, preflight_run
-from evomerge_core.io import LazyModelReader
+from evomerge_core.kinds.evaluate import clear_evaluators, preflight_run
+from evomerge_core.io.model_files import LazyModelReader
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,7 +65,7 @@ def test_vlm_run_end_to_end(vlm_pair, tmp_path):
 
     from evomerge.flows.evolve import evolve
     from evomerge_core.fitness.vqa import vqa_generate, vqa_prompts
-    from evomerge_core.vlm import open_vlm
+    from evomerge_core.kinds.vlm import open_vlm
 
     clear_evaluators()
     result = evolve(_config(vlm_pair, tmp_path, "vlm-run"))
@@ -109,7 +109,7 @@ def test_demo_vlm_rows_on_a_tiny_pair(vlm_pair, tmp_path, monkeypatch):
     scores per seed on EN and JA test; the evolved scores are those of each run's best/, and
     selection never reads the test split."""
     import evomerge.flows.demo_vlm as demo_vlm
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
     from evomerge_core.toyworld.vlm import VLMZoo, score_vlm_dir, split_scenes, write_vqa_split
 
     root = tmp_path / "zoo"

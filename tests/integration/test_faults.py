@@ -63,7 +63,7 @@ def data(tmp_path_factory) -> Path:
 def baseline(prefect_api, family, data, tmp_path_factory) -> list[dict]:
     """The uninterrupted run's history (default runner) every faulted run is compared with."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.evaluate import clear_evaluators
+    from evomerge_core.kinds.evaluate import clear_evaluators
 
     clear_evaluators()
     result = evolve(run_config(family, data, tmp_path_factory.mktemp("baseline"), "baseline"))
@@ -89,7 +89,7 @@ def _write_config(path: Path, config: dict) -> Path:
 def _cli(capfd, *argv: str) -> tuple[int, str, str]:
     """`evomerge ARGV` in this process: (exit code, stdout, stderr)."""
     from evomerge.flows.cli import main
-    from evomerge_core.evaluate import clear_evaluators
+    from evomerge_core.kinds.evaluate import clear_evaluators
 
     clear_evaluators()
     capfd.readouterr()
@@ -125,7 +125,7 @@ def dask_killed(prefect_api, family, data, tmp_path_factory) -> dict:
     """Default Dask settings: a run on two workers, one SIGKILLed between merging and scoring its
     2nd candidate (``EVOMERGE_FAULT_ONCE``: the restarted worker does not fire again)."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.evaluate import clear_evaluators
+    from evomerge_core.kinds.evaluate import clear_evaluators
 
     root = tmp_path_factory.mktemp("dask-kill")
     mp = pytest.MonkeyPatch()
@@ -179,7 +179,7 @@ def _cli_plain(*argv: str) -> tuple[int, str, str]:
     import io
 
     from evomerge.flows.cli import main
-    from evomerge_core.evaluate import clear_evaluators
+    from evomerge_core.kinds.evaluate import clear_evaluators
 
     clear_evaluators()
     out, err = io.StringIO(), io.StringIO()
@@ -233,7 +233,7 @@ def test_out_of_memory_stops_with_one_error_and_resumes(fault, prefect_api, fami
     allocation) stops the run with one `error:` line naming the candidate and the fix (exit 1);
     it is not recorded as a failed candidate; the resume evaluates it and ends with the
     uninterrupted history, no finished evaluation redone."""
-    from evomerge_core import faults
+    from evomerge_core.runs import faults
 
     runs = tmp_path / "runs"
     config = _write_config(tmp_path / "run.yaml", run_config(family, data, runs, f"oom-{fault}"))
@@ -271,9 +271,9 @@ def test_nan_or_inf_weights_fail_the_candidate_and_the_run_goes_on(fault, prefec
     import math
 
     from evomerge.flows.evolve import evolve
-    from evomerge_core import faults
-    from evomerge_core.evaluate import clear_evaluators
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs import faults
+    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.runs.store import RunStore
 
     faults.reset_counts()
     monkeypatch.setenv("EVOMERGE_FAULT", f"{fault}_during_candidate:2")
@@ -309,8 +309,8 @@ def test_generation_that_never_emits_its_stop_string_is_bounded(prefect_api, fam
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.flows.evolve import evolve
-    from evomerge_core.evaluate import clear_evaluators
-    from evomerge_core.generation import greedy_generate
+    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.generation.hf_loop import greedy_generate
 
     model = AutoModelForCausalLM.from_pretrained(family["ft1"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(family["ft1"])
@@ -515,8 +515,8 @@ def hub():
 def finished_run(prefect_api, family, data, tmp_path_factory) -> dict:
     """A finished run with best/ materialised, and a local copy of best/ to publish."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.evaluate import clear_evaluators
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.runs.store import RunStore
 
     root = tmp_path_factory.mktemp("finished")
     clear_evaluators()

@@ -138,7 +138,7 @@ def test_evolve_runs_on_the_stack_dask_workers_and_s3(stack, tmp_path):
     assert evals == sorted(f"eval-g{g}-c{i}" for g in range(2) for i in range(4))
     assert all(t.state.is_completed() for t in tasks)
 
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
 
     store = RunStore("s3://evomerge/runs", "stack-run", storage_options={
         "endpoint_url": s3["AWS_ENDPOINT_URL"], "key": s3["AWS_ACCESS_KEY_ID"], "secret": s3["AWS_SECRET_ACCESS_KEY"]})

@@ -67,7 +67,7 @@ def cli(*argv: str) -> int:
 
 
 def state_dict_of(model_dir: Path) -> dict[str, torch.Tensor]:
-    from evomerge_core.io import LazyModelReader
+    from evomerge_core.io.model_files import LazyModelReader
 
     reader = LazyModelReader(model_dir)
     return {n: reader.get(n) for n in reader.names()}
@@ -95,9 +95,9 @@ def llm_run(hub, tmp_path_factory):
     from evomerge_core.merge.engine import merge_to_dir
     from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
     from evomerge_core.merge.recipe import MergeRecipe
-    from evomerge_core.report import write_report
-    from evomerge_core.runstore import RunStore
-    from evomerge_core.sources import AUX_PATTERNS, WEIGHT_PATTERNS
+    from evomerge_core.runs.report import write_report
+    from evomerge_core.runs.store import RunStore
+    from evomerge_core.sources.resolve import AUX_PATTERNS, WEIGHT_PATTERNS
     from tiny_models import make_tiny_family
 
     torch.set_num_threads(1)
@@ -386,7 +386,7 @@ def test_bad_input_gives_one_clear_error_each(hub, llm_run, prefect_api, tmp_pat
 def test_evolve_flow_publishes_best_when_repo_id_is_set(hub, prefect_api, tmp_path):
     """A tiny evolve run with output.publish.repo_id pushes best/ with a card built from the run."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
     from tiny_models import make_tiny_family
 
     torch.set_num_threads(1)

@@ -296,8 +296,8 @@ def _s3_env(monkeypatch, endpoint: str, key: str, secret: str) -> None:
 @pytest.fixture
 def no_models(monkeypatch):
     """Fail the test if a source is resolved or a model is loaded."""
-    import evomerge_core.evolution as evolution
-    import evomerge_core.resident as resident
+    import evomerge_core.runs.search as evolution
+    import evomerge_core.kinds.resident as resident
 
     def refuse(*args, **kwargs):
         raise AssertionError("model work started")
@@ -307,8 +307,8 @@ def no_models(monkeypatch):
 
 
 def test_changed_config_is_refused_with_a_diff(s3_server, family, tmp_path, capsys, monkeypatch, no_models):
-    from evomerge_core.config import parse_run_config
-    from evomerge_core.evolution import check_run_free, prepare_run
+    from evomerge_core.config.schema import parse_run_config
+    from evomerge_core.runs.search import check_run_free, prepare_run
 
     _s3_env(monkeypatch, s3_server.endpoint_url, s3_server.key, s3_server.secret)
     data = tmp_path / "train.jsonl"

@@ -12,7 +12,7 @@ import pytest
 import s3fs
 
 from evomerge_core.errors import StorageError
-from evomerge_core.runstore import RunStore, RunStoreWarning, candidate_key
+from evomerge_core.runs.store import RunStore, RunStoreWarning, candidate_key
 
 
 @pytest.fixture

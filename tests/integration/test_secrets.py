@@ -148,8 +148,8 @@ def test_run_store_refuses_and_redacts_credentials(planted, tmp_path):
     """A document holding a credential is refused with a message that does not repeat it, and
     storage errors replace credential values by `***`."""
     from evomerge_core.errors import StorageError
-    from evomerge_core.runstore import RunStore
-    from evomerge_core.storage import open_backend
+    from evomerge_core.runs.store import RunStore
+    from evomerge_core.runs.storage import open_backend
 
     store = RunStore(f"file://{tmp_path / 'runs'}", "guarded")
     with pytest.raises(StorageError) as refused:

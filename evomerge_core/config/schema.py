@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge_core.errors import ConfigError, UsageError
 from evomerge_core.merge.recipe import ParamValue
-from evomerge_core.runners import TaskRunnerConfig
-from evomerge_core.budget.config import BudgetConfig
+from evomerge_core.config.task_runner import TaskRunnerConfig
+from evomerge_core.fitness.budget.config import BudgetConfig
 from evomerge_core.spaces.dfs import DFSSpaceConfig
 
 DEFAULT_STORAGE = "file://./runs"
@@ -40,7 +40,7 @@ class SourceSpec(_Strict):
     model: str = Field(min_length=1)
     base: bool = False
     # A vision-language model whose language model the other sources are merged into
-    # (evomerge_core.vlm); its vision tower, projector and processor are kept.
+    # (evomerge_core.kinds.vlm); its vision tower, projector and processor are kept.
     vlm: bool = False
     # Accept pickle `.bin` weights (converted once to safetensors); pickles can run code when
     # loaded, so each source opts in. Never changes results: left out of the config hash.
@@ -196,7 +196,7 @@ class FitnessConfig(_Strict):
     # Fitness recorded for a failed candidate; default: the scorer's worst value.
     failure_fitness: float | None = None
     # Allow selecting on a known benchmark's evaluation split (refused by default; see
-    # evomerge_core.contamination); the model card then says so.
+    # evomerge_core.fitness.contamination); the model card then says so.
     allow_benchmark_test_split: bool = False
     # Fewer evaluations for the same result: racing, item subsets, length caps (docs/budget.md).
     budget: BudgetConfig | None = None
@@ -217,9 +217,9 @@ class RuntimeConfig(_Strict):
     dtype: str = "float32"
     torch_threads: int | None = Field(default=None, ge=1)
     # Where candidates run (Prefect's default runner or Dask workers); never changes results,
-    # so it is left out of the config hash and candidate keys (evomerge_core.runners).
+    # so it is left out of the config hash and candidate keys (evomerge_core.config.task_runner).
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
-    # Greedy generation for scoring: "engine" (evomerge_core.engine, continuous batching), "hf"
+    # Greedy generation for scoring: "engine" (evomerge_core.generation.engine, continuous batching), "hf"
     # (the reference loop) or "auto" (engine on CUDA, reference loop elsewhere); same outputs.
     generation: Literal["auto", "engine", "hf"] = "auto"
 
@@ -490,7 +490,7 @@ def check_run_config(config: RunConfig) -> None:
         _check_ps_space(config, bases)
     _check_fitness(config.fitness)
     if config.fitness.budget is not None and config.stages is None:
-        from evomerge_core.budget.checks import check_budget_space
+        from evomerge_core.fitness.budget.checks import check_budget_space
 
         check_budget_space(config)
     _check_vlm(config)
@@ -499,7 +499,7 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError(f"storage: {config.storage!r} is not supported; use a file:// directory or an s3:// URL")
     if not config.storage.startswith("memory://"):
         from evomerge_core.errors import StorageError
-        from evomerge_core.storage import parse_storage_url
+        from evomerge_core.runs.storage import parse_storage_url
 
         try:
             parse_storage_url(config.storage)  # the form only; access is checked before the run starts
@@ -534,7 +534,7 @@ def _check_runtime_output(config: RunConfig) -> None:
         raise ConfigError(f"runtime.device: {config.runtime.device!r} is not supported; use {DEVICE_FORMS}")
     publish = config.output.publish
     if publish.repo_id is not None:
-        from evomerge_core.publish import check_repo_id
+        from evomerge_core.publish.hub import check_repo_id
 
         try:
             check_repo_id(publish.repo_id)
@@ -611,10 +611,10 @@ def _check_fitness(fitness: FitnessConfig) -> None:
     if fitness.minibatch is not None and fitness.dataset is None:
         raise ConfigError("fitness.minibatch needs fitness.dataset to draw from; add a dataset or remove minibatch")
     if fitness.budget is not None:
-        from evomerge_core.budget.checks import check_budget
+        from evomerge_core.fitness.budget.checks import check_budget
 
         check_budget(fitness)
-    from evomerge_core.contamination import check_fitness_contamination
+    from evomerge_core.fitness.contamination import check_fitness_contamination
 
     check_fitness_contamination(fitness)  # selecting on a benchmark's test split needs explicit consent
 

@@ -2,7 +2,7 @@
 
 Metadata (huggingface_hub ``ModelCardData``): ``base_model`` (the Hub sources) with
 ``base_model_relation: merge`` and a ``base_model_revisions`` map (the commit each source was
-merged at), ``license`` (see :mod:`evomerge_core.licenses`), ``library_name: transformers``,
+merged at), ``license`` (see :mod:`evomerge_core.publish.licenses`), ``library_name: transformers``,
 ``pipeline_tag`` (``text-generation``, or ``image-text-to-text`` for a vision-language model),
 tags (``merge``, ``evolutionary-model-merge``, the search spaces and the merge method) and, from
 the run's held-out split only, ``model-index`` eval results. The selection fitness is reported in
@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from evomerge_core.errors import EvomergeError
-from evomerge_core.licenses import LicenseDecision, SourceLicense
+from evomerge_core.publish.licenses import LicenseDecision, SourceLicense
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 TEXT_GENERATION = "text-generation"
@@ -298,7 +298,7 @@ def build_model_card(inputs: CardInputs):
     )
     disjoint = []
     if inputs.run_config:
-        from evomerge_core.contamination import KNOWN_DISJOINT
+        from evomerge_core.fitness.contamination import KNOWN_DISJOINT
 
         path = str(((inputs.run_config.get("fitness") or {}).get("dataset") or {}).get("path", ""))
         if path.lower() in KNOWN_DISJOINT:

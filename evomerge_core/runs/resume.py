@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from evomerge_core import faults
-from evomerge_core.config import RunConfig
+from evomerge_core.runs import faults
+from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import StorageError, UsageError
-from evomerge_core.evolution import RESULT, open_store, stored_config
-from evomerge_core.runstore import (
+from evomerge_core.runs.search import RESULT, open_store, stored_config
+from evomerge_core.runs.store import (
     CorruptObjectError,
     RunStore,
     candidate_key,
@@ -227,7 +227,7 @@ def check_resumable(store: RunStore, config: RunConfig) -> RunState:
 def _normalised(stored: dict[str, Any]) -> dict[str, Any]:
     """The stored config with the defaults of settings added since it was written (so a newer
     evomerge can continue an older run); as stored if it no longer validates."""
-    from evomerge_core.config import parse_run_config
+    from evomerge_core.config.schema import parse_run_config
     from evomerge_core.errors import ConfigError
 
     try:

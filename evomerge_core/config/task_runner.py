@@ -2,7 +2,7 @@
 
 ``kind: default`` runs candidates in Prefect's default task runner (threads of the flow's
 process; one resident model, candidates one at a time). ``kind: dask`` maps them over Dask
-worker processes, each with its own resident model (`evomerge_core.resident`):
+worker processes, each with its own resident model (`evomerge_core.kinds.resident`):
 
 - a ``LocalCluster`` on this machine (``workers`` processes, ``threads_per_worker`` each);
 - one worker per GPU (``gpus: [0, 1]``): each worker sees one GPU (``CUDA_VISIBLE_DEVICES``)

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from evomerge_core.errors import MergeError
-from evomerge_core.engine.streaming import pin_sources, stream_sources
-from evomerge_core.io import LazyModelReader
+from evomerge_core.generation.engine.streaming import pin_sources, stream_sources
+from evomerge_core.io.model_files import LazyModelReader
 from evomerge_core.merge.engine import _merge_planned, parse_dtype
 from evomerge_core.merge.flat import FLAT_METHODS, FlatSources, all_finite, merge_flat
 from evomerge_core.merge.kernels import cpu_parallelism

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from evomerge_core import faults
-from evomerge_core.config import RunConfig
-from evomerge_core.engine import generation_backend
+from evomerge_core.runs import faults
+from evomerge_core.config.schema import RunConfig
+from evomerge_core.generation.engine import generation_backend
 from evomerge_core.errors import EvomergeError
 from evomerge_core.fitness.evaluator import Fitness
-from evomerge_core.io import read_config
-from evomerge_core.architectures import num_hidden_layers
-from evomerge_core.resident import get_resident
+from evomerge_core.io.model_files import read_config
+from evomerge_core.sources.architectures import num_hidden_layers
+from evomerge_core.kinds.resident import get_resident
 from evomerge_core.spaces import build_space
 
 
@@ -74,7 +74,7 @@ class _DataflowRunner:
     def __init__(self, dir_a: str, dir_b: str, *, dtype: str, device: str) -> None:
         from transformers import AutoTokenizer
 
-        from evomerge_core.dataflow import get_dataflow_model
+        from evomerge_core.kinds.dfs_model import get_dataflow_model
         from evomerge_core.merge.engine import parse_dtype
 
         self.model = get_dataflow_model(dir_a, dir_b, dtype=parse_dtype(dtype), device=device)
@@ -107,8 +107,8 @@ class CandidateEvaluator:
             self.num_layers = self.space.layers_a
             self.runner = _DataflowRunner(self.sources[dfs.model_a], self.sources[dfs.model_b],
                                           dtype=config.runtime.dtype, device=config.runtime.device)
-        elif config.vlm is not None:  # PS over the VLM's language model (evomerge_core.vlm)
-            from evomerge_core.vlm import get_resident_vlm, open_vlm
+        elif config.vlm is not None:  # PS over the VLM's language model (evomerge_core.kinds.vlm)
+            from evomerge_core.kinds.vlm import get_resident_vlm, open_vlm
 
             self.num_layers = num_hidden_layers(open_vlm(self.sources[config.vlm]).text_config)
             self.space = build_space(config, num_layers=self.num_layers)
@@ -262,9 +262,9 @@ def get_evaluator(config: RunConfig, sources: Mapping[str, str]) -> CandidateEva
 
 def clear_evaluators() -> None:
     """Forget cached evaluators (tests; frees the resident and dataflow models)."""
-    from evomerge_core.dataflow import clear_dataflow_cache
-    from evomerge_core.resident import clear_resident_cache
-    from evomerge_core.vlm import clear_resident_vlm_cache
+    from evomerge_core.kinds.dfs_model import clear_dataflow_cache
+    from evomerge_core.kinds.resident import clear_resident_cache
+    from evomerge_core.kinds.vlm import clear_resident_vlm_cache
 
     with _EVALUATORS_LOCK:
         _EVALUATORS.clear()
@@ -286,7 +286,7 @@ def preflight_run(config: RunConfig) -> None:
                 Fitness(stage.fitness, split=split)
         dfs = stage.space.dfs
         if dfs is not None:
-            from evomerge_core.dataflow import check_pair
+            from evomerge_core.kinds.dfs_model import check_pair
 
             dirs = [Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser() for ref in (dfs.model_a, dfs.model_b)]
             if all((d / "config.json").is_file() for d in dirs):

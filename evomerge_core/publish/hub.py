@@ -3,7 +3,7 @@
 
     check repo id, model dir       (one clear error each, before anything is written)
     read the run (optional)        result.json, frozen config, report/fitness.png
-    decide the license             from the sources (evomerge_core.licenses)
+    decide the license             from the sources (evomerge_core.publish.licenses)
     stage the folder               weights (resharded to <= shard size), config, tokenizer/processor,
                                    generation config, recipe.yaml, mergekit.yaml, evomerge_config.yaml,
                                    fitness.png, README.md (the model card)
@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from evomerge_core.errors import EvomergeError, SourceError, UsageError
-from evomerge_core.io import AUX_FILES, SAFETENSORS_INDEX, read_config, weight_files
+from evomerge_core.io.model_files import AUX_FILES, SAFETENSORS_INDEX, read_config, weight_files
 from evomerge_core.merge.provenance import SOURCES_FILE
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -78,8 +78,8 @@ def resolve_token(token: str | None = None) -> str:
 def check_model_dir(model_dir: Path) -> dict[str, Any]:
     """Check a model directory is complete (config.json, readable safetensors weights, tokenizer
     files, and a processor config for a VLM); returns its config. SourceError otherwise."""
-    from evomerge_core.card import is_vision_language
-    from evomerge_core.io import LazyModelReader
+    from evomerge_core.publish.card import is_vision_language
+    from evomerge_core.io.model_files import LazyModelReader
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -125,7 +125,7 @@ class RunRecord:
 
 def open_run(url: str, storage_options: dict[str, Any] | None = None):
     """The RunStore of a run URL ``{storage}/{run_key}`` (``file://``, a path or ``s3://``)."""
-    from evomerge_core.runstore import RunStore
+    from evomerge_core.runs.store import RunStore
 
     stripped = url.rstrip("/")
     storage, sep, run_key = stripped.rpartition("/")
@@ -199,7 +199,7 @@ def _sources(recipe: dict[str, Any], run: RunRecord | None, source_paths: dict[s
     directory's `evomerge_sources.json` (written by the merge)."""
     from dataclasses import replace
 
-    from evomerge_core.licenses import describe_source
+    from evomerge_core.publish.licenses import describe_source
 
     paths = source_paths or {}
     if run is not None and run.config.get("sources"):
@@ -258,9 +258,9 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
                      source_paths: dict[str, str] | None = None, license: str | None = None,
                      force_license: bool = False, fetch_readme=None) -> Publication:
     """Check the inputs and build the model card; raises before anything is written."""
-    from evomerge_core.card import CardInputs, build_model_card, public_names, scrub_refs, scrub_yaml_text
-    from evomerge_core.contamination import describe_contamination
-    from evomerge_core.licenses import find_license, merge_licenses
+    from evomerge_core.publish.card import CardInputs, build_model_card, public_names, scrub_refs, scrub_yaml_text
+    from evomerge_core.fitness.contamination import describe_contamination
+    from evomerge_core.publish.licenses import find_license, merge_licenses
 
     check_repo_id(repo_id)
     model_dir = Path(model_dir)
@@ -301,7 +301,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _stage_weights(model_dir: Path, out: Path, shard_size: int) -> list[str]:
     """Hard-link (or copy) the weights, or reshard them when a file exceeds ``shard_size``."""
-    from evomerge_core.io import LazyModelReader, PlannedTensor, ShardedWriter
+    from evomerge_core.io.model_files import LazyModelReader, PlannedTensor, ShardedWriter
 
     files = weight_files(model_dir)
     if all(f.stat().st_size <= shard_size for f in files):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from evomerge_core.dataflow import DecoderFamily, check_pair, scale_tensor
+from evomerge_core.kinds.dfs_model import DecoderFamily, check_pair, scale_tensor
 from evomerge_core.errors import MergeError, SourceError
-from evomerge_core.io import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
+from evomerge_core.io.model_files import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
 from evomerge_core.merge.outdir import umask_permissions
 from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.spaces.dfs import DFSRecipe

@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from evomerge_core.config import RunConfig
+from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import EvomergeError
-from evomerge_core.optim import CMAES
-from evomerge_core.runstore import RunStore
+from evomerge_core.optim.cmaes import CMAES
+from evomerge_core.runs.store import RunStore
 from evomerge_core.spaces import PSSpace
 
 RESULT = "result.json"
@@ -36,7 +36,7 @@ def stored_config(config: RunConfig) -> dict[str, Any]:
 
 def prepare_run(config: RunConfig, *, resume: bool = True) -> RunStore:
     """Check the run key may be used (see `check_run_free`) and write the frozen config (no
-    lease: `evomerge_core.resume.open_run` is what an evolve run uses)."""
+    lease: `evomerge_core.runs.resume.open_run` is what an evolve run uses)."""
     store = check_run_free(config, resume=resume)
     store.write_config(stored_config(config))
     return store
@@ -46,7 +46,7 @@ def check_run_free(config: RunConfig, *, resume: bool = True) -> RunStore:
     """The run store, after checking storage access, that no live run holds the run key, and
     (when resuming) that the stored run may be continued with this config: UsageError for a
     finished run, ConfigError with a diff for a changed config, StorageError otherwise."""
-    from evomerge_core.resume import check_before_start
+    from evomerge_core.runs.resume import check_before_start
 
     return check_before_start(config, resume=resume)
 
@@ -141,8 +141,8 @@ def checkpoint(store: RunStore, generation: int, records: Sequence[dict[str, Any
     """Write the generation record (with `extra` entries, e.g. the budget state), then
     `latest.json` (last, so it only names complete generations); transient storage failures
     are retried (`resume.with_retries`)."""
-    from evomerge_core import faults
-    from evomerge_core.resume import with_retries
+    from evomerge_core.runs import faults
+    from evomerge_core.runs.resume import with_retries
 
     latest = _latest_record(generation, best, evaluations)
     record = {"generation": generation, "summary": summary, "candidates": list(records),
@@ -223,14 +223,14 @@ def resolve_run_sources(config: RunConfig) -> dict[str, Any]:
 
     Returns ``{"paths": {ref: dir}, "num_layers": int, "architecture": str}``.
     """
-    from evomerge_core.sources import resolve_run_source, validate_sources
+    from evomerge_core.sources.resolve import resolve_run_source, validate_sources
 
     if config.space.kind == "dfs":  # A and B may differ in depth and vocabulary
-        from evomerge_core.dfs_run import resolve_dfs_sources
+        from evomerge_core.kinds.dfs import resolve_dfs_sources
 
         return resolve_dfs_sources(config)
     if config.vlm is not None:  # LLMs merged into a VLM's language model
-        from evomerge_core.vlm import resolve_vlm_sources
+        from evomerge_core.kinds.vlm import resolve_vlm_sources
 
         return resolve_vlm_sources(config)
     paths = {s.model: resolve_run_source(s) for s in config.sources}
@@ -253,11 +253,11 @@ def materialise(config: RunConfig, paths: dict[str, str], num_layers: int, genom
     from evomerge_core.spaces import build_space
 
     if config.space.kind == "dfs":  # a standard model of A's family, with recipe.yaml + lineage.yaml
-        from evomerge_core.dfs_run import materialise_dfs_best
+        from evomerge_core.kinds.dfs import materialise_dfs_best
 
         return materialise_dfs_best(config, paths, genome, store)
     if config.vlm is not None:  # the VLM with its language model merged, processor kept
-        from evomerge_core.vlm import materialise_vlm_best
+        from evomerge_core.kinds.vlm import materialise_vlm_best
 
         return materialise_vlm_best(config, paths, num_layers, genome, store)
     space = build_space(config, num_layers=num_layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge_core.config import STAGE_REF, RunConfig
+from evomerge_core.config.schema import STAGE_REF, RunConfig
 from evomerge_core.errors import ConfigError, SourceError
 
 
@@ -23,7 +23,7 @@ def check_run_sources(config: RunConfig) -> None:
         _check_single(config)
         return
     _check_single(config.stage_config(0))
-    from evomerge_core.sources import resolve_run_source
+    from evomerge_core.sources.resolve import resolve_run_source
 
     for index in range(1, len(config.stages)):
         stage = config.stage_config(index)  # '@' references kept as they are
@@ -31,14 +31,14 @@ def check_run_sources(config: RunConfig) -> None:
             if not spec.model.startswith(STAGE_REF):
                 path = resolve_run_source(spec)
                 if stage.space.kind == "dfs":
-                    from evomerge_core.dataflow import family_of
-                    from evomerge_core.io import read_config
+                    from evomerge_core.kinds.dfs_model import family_of
+                    from evomerge_core.io.model_files import read_config
 
                     family_of(read_config(path), spec.model)
 
 
 def _check_single(config: RunConfig) -> None:
-    from evomerge_core.evolution import resolve_run_sources
+    from evomerge_core.runs.search import resolve_run_sources
     from evomerge_core.spaces import build_space
 
     sources = resolve_run_sources(config)  # SourceError: exactly what `evomerge merge` refuses
@@ -55,8 +55,8 @@ def check_in_place_names(path: Path, ref: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evomerge_core.architectures import architecture_name
-    from evomerge_core.io import LazyModelReader, read_config
+    from evomerge_core.sources.architectures import architecture_name
+    from evomerge_core.io.model_files import LazyModelReader, read_config
 
     arch = architecture_name(read_config(path))
     try:

@@ -1,7 +1,7 @@
 """The generation engine used to score candidates (continuous batching, preallocated KV slots,
 on-device stop detection, CUDA graphs on CUDA), and the choice between it and the reference loop.
 
-- `engine_generate(model, tokenizer, prompts, ...)`: what `evomerge_core.generation.greedy_generate`
+- `engine_generate(model, tokenizer, prompts, ...)`: what `evomerge_core.generation.hf_loop.greedy_generate`
   calls when the engine is chosen; the engine of a model is kept per model object (weakly), so its
   buffers, graphs and length history live as long as the resident model.
 - `choose_backend(name, model)`: ``runtime.generation`` (``auto`` | ``engine`` | ``hf``) resolved
@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from evomerge_core.engine.runner import GenerationEngine
+from evomerge_core.generation.engine.runner import GenerationEngine
 
 BACKENDS = ("auto", "engine", "hf")
 
@@ -80,7 +80,7 @@ def unsupported_reason(model: Any) -> str | None:
     whose forward takes a cache object, 4D masks and `logits_to_keep` (SDPA or eager attention)."""
     import inspect
 
-    from evomerge_core.engine.masks import SUPPORTED_ATTENTION
+    from evomerge_core.generation.engine.masks import SUPPORTED_ATTENTION
 
     config = getattr(model, "config", None)
     forward = getattr(model, "forward", None)

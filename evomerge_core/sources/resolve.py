@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from evomerge_core import architectures as arch
+from evomerge_core.sources import architectures as arch
 from evomerge_core.errors import SourceError
-from evomerge_core.io import AUX_FILES, LazyModelReader, read_config
+from evomerge_core.io.model_files import AUX_FILES, LazyModelReader, read_config
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
@@ -164,7 +164,7 @@ def convert_pickle_dir(src: Path, dst: Path) -> Path:
 
 def _refuse_vlm_mix(name: str, config: dict, reference: str, ref_config: dict) -> None:
     """SourceError pointing to the VLM route when exactly one of two models is a VLM."""
-    from evomerge_core.vlm import family_of
+    from evomerge_core.kinds.vlm import family_of
 
     vlm = [(ref, arch.architecture_name(cfg)) for ref, cfg in ((name, config), (reference, ref_config)) if family_of(cfg)]
     if len(vlm) != 1:
@@ -173,7 +173,7 @@ def _refuse_vlm_mix(name: str, config: dict, reference: str, ref_config: dict) -
     raise SourceError(
         f"model {vlm_ref!r} is a vision-language model ({vlm_arch}) and {llm_ref!r} a plain LLM; a plain merge "
         "cannot combine them. To merge LLMs into the VLM's language model, use `evomerge evolve` with that source "
-        "marked `vlm: true`, or evomerge_core.vlm.merge_vlm_to_dir for a fixed recipe (docs/vlm.md)"
+        "marked `vlm: true`, or evomerge_core.kinds.vlm.merge_vlm_to_dir for a fixed recipe (docs/vlm.md)"
     )
 
 

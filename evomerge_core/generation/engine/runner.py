@@ -33,19 +33,14 @@ from typing import Any
 
 import torch
 
-from evomerge_core.engine.kv_cache import SlotKVCache
-from evomerge_core.engine.masks import attention_kind, decode_mask, prefill_mask, window_layout
-from evomerge_core.engine.scheduler import LengthHistory
-from evomerge_core.engine.stops import StopDetector
+from evomerge_core.generation.engine.kv_cache import SlotKVCache
+from evomerge_core.generation.engine.masks import attention_kind, decode_mask, prefill_mask, window_layout
+from evomerge_core.generation.engine.scheduler import LengthHistory
+from evomerge_core.generation.engine.stops import StopDetector
+from evomerge_core.generation.model_api import cache_argument
 
 WIDTH_STEP = 128  # attention widths are rounded up to this (one CUDA graph per width)
 PREFILL_TOKENS = 16_384  # at most this many (padded) prompt tokens per prefill pass
-
-
-def _cache_argument(model) -> str:
-    from evomerge_core.generation import _cache_argument as arg
-
-    return arg(model)
 
 
 class GenerationEngine:
@@ -61,7 +56,7 @@ class GenerationEngine:
         self.impl = attention_kind(model.config)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.layout, self.window = window_layout(cfg)
-        self.cache_arg = _cache_argument(model)
+        self.cache_arg = cache_argument(model)
         cuda = self.device.type == "cuda"
         if use_graphs is None:
             use_graphs = cuda and os.environ.get("EVOMERGE_ENGINE_GRAPHS", "1") != "0"

@@ -166,7 +166,7 @@ class DataflowModel(nn.Module):
         """Load A and B from local model dirs (B's embeddings and head are not kept)."""
         from transformers import AutoModelForCausalLM
 
-        from evomerge_core.io import read_config
+        from evomerge_core.io.model_files import read_config
 
         check_pair(read_config(Path(path_a)), read_config(Path(path_b)), name_a=str(path_a), name_b=str(path_b))
         model_a = AutoModelForCausalLM.from_pretrained(path_a, dtype=dtype)

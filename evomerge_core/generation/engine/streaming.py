@@ -1,6 +1,6 @@
 """Source residency for merging a candidate into the engine's weights on CUDA.
 
-Sources that fit on the GPU beside the model live there (`evomerge_core.resident`); otherwise
+Sources that fit on the GPU beside the model live there (`evomerge_core.kinds.resident`); otherwise
 they stay in pinned host memory and `stream_sources` copies them tensor by tensor on a side CUDA
 stream, `depth` tensors ahead of the merge, so the transfers overlap the merge kernels. Pinned
 memory is what makes the copies asynchronous (a pageable copy blocks the host and runs at a

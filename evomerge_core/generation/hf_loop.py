@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge_core.engine import choose_backend
+from evomerge_core.generation.engine import choose_backend
+from evomerge_core.generation.model_api import cache_argument
 
 
 def _ensure_pad(tokenizer) -> int:
@@ -21,12 +22,6 @@ def _ensure_pad(tokenizer) -> int:
             raise ValueError("tokenizer has neither a pad nor an eos token; set one to batch prompts")
         return int(tokenizer.eos_token_id)
     return int(tokenizer.pad_token_id)
-
-
-def _cache_argument(model) -> str:
-    """transformers 5 renamed `past_key_values` to `cache`; support both."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -89,7 +84,7 @@ def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 def _engine_outputs(model, tokenizer, prompts, encoded, caps, stops, batch_size, pad_id, eos_id, stats) -> list[str]:
     """`greedy_generate` on the generation engine (`batch_size` = its number of slots)."""
-    from evomerge_core.engine import engine_generate
+    from evomerge_core.generation.engine import engine_generate
 
     tokens, _ = engine_generate(model, tokenizer, prompts, encoded, caps=caps, stop_strings=stops,
                                 batch_size=batch_size, pad_id=pad_id, eos_id=eos_id)
@@ -127,13 +122,13 @@ def greedy_generate(
     each prompt generated (up to and including the one that ended it) and
     ``stats["generated_tokens"]`` their sum.
 
-    `backend`: ``engine`` (`evomerge_core.engine`: continuous batching, same outputs), ``hf``
+    `backend`: ``engine`` (`evomerge_core.generation.engine`: continuous batching, same outputs), ``hf``
     (this loop) or ``auto`` (engine on CUDA); None takes the surrounding
-    `evomerge_core.engine.generation_backend` (the evaluator sets it from ``runtime.generation``).
+    `evomerge_core.generation.engine.generation_backend` (the evaluator sets it from ``runtime.generation``).
     """
     pad_id = _ensure_pad(tokenizer)
     eos_id = tokenizer.eos_token_id
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     device = next(model.parameters()).device
     stops = tuple(s for s in stop_strings if s)

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from evomerge_core import architectures as arch
+from evomerge_core.sources import architectures as arch
 from evomerge_core.errors import MergeError, SourceError
-from evomerge_core.io import AUX_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
+from evomerge_core.io.model_files import AUX_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
 
 LLM_BODY = "model."
 LLM_HEAD = "lm_head."
@@ -132,7 +132,7 @@ def require_family(config: Mapping[str, Any], *, what: str) -> VLMFamily:
             name = "model without an architecture name"
         raise SourceError(
             f"{what} is a {name}, which is not a supported VLM; supported: {', '.join(supported_architectures())} "
-            "(add an entry to evomerge_core.vlm.VLM_FAMILIES for another family)"
+            "(add an entry to evomerge_core.kinds.vlm.VLM_FAMILIES for another family)"
         )
     return fam
 
@@ -321,7 +321,7 @@ class ResidentVLM:
     @torch.no_grad()
     def apply(self, recipe: Any) -> None:
         """Merge `recipe` into the VLM's language model in place (caller holds `lock`)."""
-        from evomerge_core.resident import recipe_hash
+        from evomerge_core.kinds.resident import recipe_hash
 
         self.current = None
         for name, target in self._targets.items():
@@ -431,7 +431,7 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
 def resolve_vlm_sources(config: Any) -> dict[str, Any]:
     """Resolve a VLM run's sources and check the LLMs fit the VLM's language model:
     ``{"paths", "num_layers", "architecture"}`` like `evolution.resolve_run_sources`."""
-    from evomerge_core.sources import resolve_run_source
+    from evomerge_core.sources.resolve import resolve_run_source
 
     paths = {s.model: resolve_run_source(s) for s in config.sources}
     info = validate_vlm_sources(paths, vlm=config.vlm)

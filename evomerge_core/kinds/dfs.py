@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from evomerge_core.config import RunConfig
-from evomerge_core.runstore import RunStore
+from evomerge_core.config.schema import RunConfig
+from evomerge_core.runs.store import RunStore
 
 LINEAGE_FILE = "lineage.yaml"
 
@@ -22,9 +22,9 @@ def resolve_dfs_sources(config: RunConfig) -> dict[str, Any]:
 
     Returns ``{"paths", "num_layers" (A's), "num_layers_b", "architecture"}``.
     """
-    from evomerge_core.dataflow import check_pair
-    from evomerge_core.io import read_config
-    from evomerge_core.sources import resolve_run_source
+    from evomerge_core.kinds.dfs_model import check_pair
+    from evomerge_core.io.model_files import read_config
+    from evomerge_core.sources.resolve import resolve_run_source
 
     dfs = config.space.dfs
     assert dfs is not None
@@ -57,7 +57,7 @@ def materialise_dfs_best(config: RunConfig, paths: Mapping[str, str], genome: Se
                          relpath: str = "best") -> str:
     """Write the genome's path as a standard model dir with `recipe.yaml` (the DFS recipe) and
     `lineage.yaml` (what A and B were), publish it at `relpath` and return its URL."""
-    from evomerge_core.dataflow_export import materialise_dfs
+    from evomerge_core.kinds.dfs_export import materialise_dfs
     from evomerge_core.spaces.dfs import DFSSpace
 
     dfs = config.space.dfs

@@ -18,9 +18,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from evomerge_core.budget import irt
-from evomerge_core.budget.config import BudgetConfig
-from evomerge_core.budget.racing import told_fitness
+from evomerge_core.fitness.budget import irt
+from evomerge_core.fitness.budget.config import BudgetConfig
+from evomerge_core.fitness.budget.racing import told_fitness
 from evomerge_core.errors import ConfigError
 
 

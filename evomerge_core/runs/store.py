@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from evomerge_core.errors import ConfigError, StorageError
-from evomerge_core.storage import Backend, open_backend
+from evomerge_core.runs.storage import Backend, open_backend
 
 __all__ = [
     "RunStore",

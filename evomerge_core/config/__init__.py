@@ -1,0 +1,1 @@
+"""The run config: its schema (pydantic), loading, and the task-runner setting."""

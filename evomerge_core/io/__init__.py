@@ -1,0 +1,1 @@
+"""Model files: lazy safetensors reading, sharded writing, model directories, dtypes."""

@@ -1,0 +1,1 @@
+"""The kinds of run (LLM, VLM, DFS): sources, space, resident model, materialisation."""

@@ -1,0 +1,1 @@
+"""The optimizer: seeded CMA-ES ask/tell with a JSON-able state."""

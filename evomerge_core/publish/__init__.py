@@ -1,0 +1,1 @@
+"""Publishing: the Hub, the model card and its template, licences."""

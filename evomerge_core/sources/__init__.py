@@ -1,0 +1,1 @@
+"""The source pool: resolving sources to local snapshots, model families, merge checks."""
