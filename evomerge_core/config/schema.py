@@ -24,7 +24,7 @@ from evomerge_core.errors import ConfigError, UsageError
 from evomerge_core.merge.recipe import ParamValue
 from evomerge_core.config.task_runner import TaskRunnerConfig
 from evomerge_core.fitness.budget.config import BudgetConfig
-from evomerge_core.spaces.dfs import DFSSpaceConfig
+from evomerge_core.config.dfs_space import DFSSpaceConfig
 
 DEFAULT_STORAGE = "file://./runs"
 DEFAULT_EVALUATIONS = 1000  # the paper's PS budget (Optuna CMA-ES, 1000 trials)

@@ -22,7 +22,7 @@ def resolve_dfs_sources(config: RunConfig) -> dict[str, Any]:
 
     Returns ``{"paths", "num_layers" (A's), "num_layers_b", "architecture"}``.
     """
-    from evomerge_core.kinds.dfs_model import check_pair
+    from evomerge_core.sources.decoder_families import check_pair
     from evomerge_core.io.model_files import read_config
     from evomerge_core.sources.resolve import resolve_run_source
 

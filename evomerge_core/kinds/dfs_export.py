@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from evomerge_core.kinds.dfs_model import DecoderFamily, check_pair, scale_tensor
+from evomerge_core.kinds.dfs_model import scale_tensor
+from evomerge_core.sources.decoder_families import DecoderFamily, check_pair
 from evomerge_core.errors import MergeError, SourceError
 from evomerge_core.io.model_files import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
 from evomerge_core.merge.outdir import umask_permissions

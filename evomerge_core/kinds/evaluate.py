@@ -286,7 +286,7 @@ def preflight_run(config: RunConfig) -> None:
                 Fitness(stage.fitness, split=split)
         dfs = stage.space.dfs
         if dfs is not None:
-            from evomerge_core.kinds.dfs_model import check_pair
+            from evomerge_core.sources.decoder_families import check_pair
 
             dirs = [Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser() for ref in (dfs.model_a, dfs.model_b)]
             if all((d / "config.json").is_file() for d in dirs):

@@ -31,7 +31,7 @@ def check_run_sources(config: RunConfig) -> None:
             if not spec.model.startswith(STAGE_REF):
                 path = resolve_run_source(spec)
                 if stage.space.kind == "dfs":
-                    from evomerge_core.kinds.dfs_model import family_of
+                    from evomerge_core.sources.decoder_families import family_of
                     from evomerge_core.io.model_files import read_config
 
                     family_of(read_config(path), spec.model)

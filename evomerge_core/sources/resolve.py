@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from evomerge_core.sources import architectures as arch
+from evomerge_core.sources.vlm_families import family_of
 from evomerge_core.errors import SourceError
 from evomerge_core.io.model_files import AUX_FILES, LazyModelReader, read_config
 
@@ -164,8 +165,6 @@ def convert_pickle_dir(src: Path, dst: Path) -> Path:
 
 def _refuse_vlm_mix(name: str, config: dict, reference: str, ref_config: dict) -> None:
     """SourceError pointing to the VLM route when exactly one of two models is a VLM."""
-    from evomerge_core.kinds.vlm import family_of
-
     vlm = [(ref, arch.architecture_name(cfg)) for ref, cfg in ((name, config), (reference, ref_config)) if family_of(cfg)]
     if len(vlm) != 1:
         return

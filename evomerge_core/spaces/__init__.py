@@ -1,20 +1,17 @@
 """Search spaces: decode an optimizer's vector into a recipe (``ps``: a merge recipe,
-``dfs``: a layer path through two models).
-
-Nothing is imported eagerly: `evomerge_core.config.schema` imports `spaces.dfs` (for the
-``space.dfs`` schema) and `spaces.ps` imports `config`, so eager imports here would cycle.
-"""
+``dfs``: a layer path through two models)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+from typing import Union
 
-if TYPE_CHECKING:
-    from evomerge_core.config.schema import RunConfig
-    from evomerge_core.spaces.dfs import DFSSpace
-    from evomerge_core.spaces.ps import GenomeEntry, PSSpace
+from evomerge_core.config.dfs_space import DFSSpaceConfig
+from evomerge_core.config.schema import LayerGroups, RunConfig
+from evomerge_core.errors import ConfigError
+from evomerge_core.spaces.dfs import DFSRecipe, DFSSpace
+from evomerge_core.spaces.ps import GenomeEntry, PSSpace
 
-    SearchSpace = Union[PSSpace, DFSSpace]
+SearchSpace = Union[PSSpace, DFSSpace]
 
 
 def build_space(config: RunConfig, *, num_layers: int | None = None, num_layers_b: int | None = None) -> SearchSpace:
@@ -24,36 +21,17 @@ def build_space(config: RunConfig, *, num_layers: int | None = None, num_layers_
     and `num_layers_b` of model B (both required).
     """
     if config.space.kind == "dfs":
-        from evomerge_core.errors import ConfigError
-        from evomerge_core.spaces.dfs import DFSSpace
-
         if num_layers is None or num_layers_b is None:
             raise ConfigError("a DFS space needs the layer counts of model A and model B; resolve the sources first")
         return DFSSpace(config.space.dfs, layers_a=num_layers, layers_b=num_layers_b)
-    from evomerge_core.spaces.ps import PSSpace
-
     return PSSpace.from_config(config, num_layers=num_layers)
 
 
 def needs_num_layers(config: RunConfig) -> bool:
     """True when the space needs the sources' layer count before it can be built."""
-    from evomerge_core.config.schema import LayerGroups
-
     if config.space.kind == "dfs":
         return True
     return isinstance(config.space.ps.granularity, LayerGroups)
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("GenomeEntry", "PSSpace"):
-        from evomerge_core.spaces import ps
-
-        return getattr(ps, name)
-    if name in ("DFSSpace", "DFSRecipe", "DFSSpaceConfig"):
-        from evomerge_core.spaces import dfs
-
-        return getattr(dfs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["DFSRecipe", "DFSSpace", "DFSSpaceConfig", "GenomeEntry", "PSSpace", "build_space", "needs_num_layers"]
+__all__ = ["DFSRecipe", "DFSSpace", "DFSSpaceConfig", "GenomeEntry", "PSSpace", "SearchSpace", "build_space", "needs_num_layers"]

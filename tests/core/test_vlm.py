@@ -20,13 +20,12 @@ from evomerge_core.errors import SourceError  # noqa: E402
 from evomerge_core.io.model_files import LazyModelReader  # noqa: E402
 from evomerge_core.merge.recipe import MergeRecipe, ModelEntry  # noqa: E402
 from evomerge_core.toyworld.vlm import make_tiny_llava  # noqa: E402
+from evomerge_core.sources.vlm_families import VLM_FAMILIES, supported_architectures  # noqa: E402
 from evomerge_core.kinds.vlm import (  # noqa: E402
-    VLM_FAMILIES,
     ResidentVLM,
     merge_vlm_to_dir,
     open_vlm,
     read_lm_state_dict,
-    supported_architectures,
     validate_vlm_sources,
 )
 
