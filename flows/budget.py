@@ -15,6 +15,7 @@ from evomerge.tasks.evolve import evaluate_full_train, evaluate_round, evaluate_
 from evomerge_core.fitness.budget import plan
 from evomerge_core.fitness.budget.racing import run_race
 from evomerge_core.config.schema import RunConfig
+from evomerge_core.runs.records import CandidateRecord
 from evomerge_core.runs.resume import Run, evaluation_config
 from evomerge_core.runs.store import candidate_key
 
@@ -35,13 +36,12 @@ def _key(cfg: RunConfig, revisions: dict[str, str], genome: list[float], what: d
     return candidate_key(genome, revisions, {**evaluation_config(cfg), "budget_stage": what})
 
 
-def calibrate_sources(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], state: plan.BudgetState,
-                      counts: dict[str, int]) -> None:
+def calibrate_sources(cfg: RunConfig, sources: dict[str, Any], state: plan.BudgetState, counts: dict[str, int]) -> None:
     """Score each source alone on every train item and add the results to the calibration."""
     refs = [s.model for s in cfg.sources]
     items = list(range(state.n_items))
     keys = [_key(cfg, sources["revisions"], [], {"source": ref}) for ref in refs]
-    futures = map_candidates(evaluate_source, unmapped(config), unmapped(sources["paths"]), refs,
+    futures = map_candidates(evaluate_source, unmapped(cfg), unmapped(sources["paths"]), refs,
                              index=[-1 - i for i in range(len(refs))], key=keys, items=unmapped(items))
     results = [f.result() for f in futures]
     fitness = {}
@@ -56,13 +56,12 @@ def calibrate_sources(cfg: RunConfig, config: dict[str, Any], sources: dict[str,
     counts["new"] += len(refs)
 
 
-def evaluate_generation(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], genomes: list[list[float]],
-                        generation: int, run: Run, state: plan.BudgetState, popsize: int,
-                        counts: dict[str, int]) -> list[dict[str, Any]]:
+def evaluate_generation(cfg: RunConfig, sources: dict[str, Any], genomes: list[list[float]], generation: int, run: Run,
+                        state: plan.BudgetState, popsize: int, counts: dict[str, int]) -> list[CandidateRecord]:
     """One budgeted generation's records (racing rounds mapped over the surviving candidates)."""
     budget = cfg.fitness.budget
     if generation == 0 and budget.subset is not None and budget.subset.include_sources and not state.sources:
-        calibrate_sources(cfg, config, sources, state, counts)
+        calibrate_sources(cfg, sources, state, counts)
     items = plan.generation_items(budget, state, generation, cfg.optimizer.seed)
     rounds = plan.rounds_of(budget, generation, items)
     runner = cfg.runtime.task_runner
@@ -74,7 +73,7 @@ def evaluate_generation(cfg: RunConfig, config: dict[str, Any], sources: dict[st
         counts["new"] += sum(c is None for c in cached)
         batches = [[alive[j] for j in b] for b in runner.batches(len(alive), candidate_slots())]
         by_index = dict(zip(alive, keys))
-        futures = map_candidates(evaluate_round, unmapped(config), unmapped(sources["paths"]),
+        futures = map_candidates(evaluate_round, unmapped(cfg), unmapped(sources["paths"]),
                                  [[genomes[i] for i in b] for b in batches], generation=unmapped(generation),
                                  indices=batches, keys=[[by_index[i] for i in b] for b in batches], round=unmapped(r),
                                  items=unmapped(rounds[r]), caps=unmapped(plan.caps_for(state, rounds[r])),
@@ -96,31 +95,30 @@ def evaluate_generation(cfg: RunConfig, config: dict[str, Any], sources: dict[st
     records = plan.finish_generation(budget, state, generation, base, results, stopped, float(worst))
     if plan.is_calibration(budget, generation) and generation == budget.calibration_generations - 1:
         plan.calibrate(budget, state, seed=cfg.optimizer.seed, max_new_tokens=cfg.fitness.max_new_tokens)
-    return records
+    return [CandidateRecord.from_dict(r) for r in records]
 
 
-def final_check(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], history: list[dict[str, Any]],
-                counts: dict[str, int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def final_check(cfg: RunConfig, sources: dict[str, Any], history: list[CandidateRecord],
+                counts: dict[str, int]) -> tuple[CandidateRecord, list[dict[str, Any]]]:
     """Score the top `final_candidates` (by budgeted fitness; stopped and failed ones are not
     eligible) on the whole train split; the best of them is the run's best."""
-    eligible = [r for r in history if r.get("error") is None and r.get("raced_out") is None
-                and r.get("fitness") is not None]
-    top = sorted(eligible, key=lambda r: (-r["fitness"], r["generation"], r["index"]))[: cfg.fitness.budget.final_candidates]
+    eligible = [r for r in history if r.error is None and r.raced_out is None and r.fitness is not None]
+    top = sorted(eligible, key=lambda r: (-r.fitness, r.generation, r.index))[: cfg.fitness.budget.final_candidates]
     if not top:
         raise RuntimeError("no candidate can be checked on the full train split: every candidate failed")
-    keys = [_key(cfg, sources["revisions"], r["genome"], {"final": True}) for r in top]
-    futures = map_candidates(evaluate_full_train, unmapped(config), unmapped(sources["paths"]), [r["genome"] for r in top],
-                             generation=[r["generation"] for r in top], index=[r["index"] for r in top], key=keys)
-    checks = [f.result() for f in futures]
+    keys = [_key(cfg, sources["revisions"], r.genome, {"final": True}) for r in top]
+    futures = map_candidates(evaluate_full_train, unmapped(cfg), unmapped(sources["paths"]), [r.genome for r in top],
+                             generation=[r.generation for r in top], index=[r.index for r in top], key=keys)
+    checks: list[CandidateRecord] = [f.result() for f in futures]
     counts["new"] += len(checks)
-    rows = [{"generation": r["generation"], "index": r["index"], "budgeted_fitness": r["fitness"],
-             "fitness": c["fitness"], "error": c.get("error"), "items_evaluated": c.get("items_evaluated", 0),
+    rows = [{"generation": r.generation, "index": r.index, "budgeted_fitness": r.fitness,
+             "fitness": c.fitness, "error": c.error, "items_evaluated": c.get("items_evaluated", 0),
              "generated_tokens": c.get("generated_tokens", 0)} for r, c in zip(top, checks)]
-    ok = [(r, c) for r, c in zip(top, checks) if c.get("error") is None]
+    ok = [(r, c) for r, c in zip(top, checks) if c.error is None]
     if not ok:
-        raise RuntimeError(f"every top candidate failed on the full train split; first error: {checks[0].get('error')}")
-    best, check = max(ok, key=lambda rc: rc[1]["fitness"])  # first wins ties
-    chosen = {**best, "fitness": check["fitness"], "accuracy": check.get("accuracy"), "budgeted_fitness": best["fitness"]}
+        raise RuntimeError(f"every top candidate failed on the full train split; first error: {checks[0].error}")
+    best, check = max(ok, key=lambda rc: rc[1].fitness)  # first wins ties
+    chosen = best.replace(fitness=check.fitness, accuracy=check.get("accuracy"), budgeted_fitness=best.fitness)
     return chosen, rows
 
 

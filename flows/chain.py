@@ -23,7 +23,6 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     from evomerge.tasks.evolve import write_result
 
     assert cfg.stages is not None
-    config = cfg.model_dump(mode="json")
     evolution.prepare_run(cfg, resume=resume)
     key = cfg.effective_run_key()
     best_models: dict[int, str] = {}
@@ -38,7 +37,7 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
             result = done
         else:
             print(f"{key}: stage {i + 1}/{len(cfg.stages)} ({cfg.stage_name(i)}, {stage.space.kind})", flush=True)
-            result = evolve(stage.model_dump(mode="json"), resume=resume, run_key=f"{key}-stage{i}")
+            result = evolve(stage, resume=resume, run_key=f"{key}-stage{i}")
         if result.get("best_model") is None:
             raise EvomergeError(f"stage {i} ({cfg.stage_name(i)}) wrote no best model; later stages need it as a source")
         best_models[i] = result["best_model"]
@@ -52,7 +51,7 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
         history=[{"stage": i, **h} for i, r in enumerate(results) for h in r["history"]],
         evaluations=sum(r["evaluations"] for r in results),
     )
-    url = write_result(config, final)
+    url = write_result(cfg, final)
     print(f"{key}: best fitness {final['best_fitness']:.4f} after {len(results)} stages; result: {url}", flush=True)
     return final
 

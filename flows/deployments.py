@@ -265,13 +265,13 @@ def _run_evolve(config: RunConfig, resume: bool, key: str) -> Any:
     return result
 
 
-def _prepare(config: RunConfig, resume: bool) -> dict[str, Any]:
+def _prepare(config: RunConfig, resume: bool) -> RunConfig:
     from evomerge.flows.cmd_evolve import preflight
     from evomerge_core.runs.search import check_run_free
 
     preflight(config)
     check_run_free(config, resume=resume)
-    return config.model_dump(mode="json")
+    return config
 
 
 @flow(name="evolve-config", flow_run_name=_evolve_config_run_name, validate_parameters=True, log_prints=True,

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import unmapped
 
 from evomerge.tasks.evolve import (
     checkpoint,
@@ -33,32 +33,41 @@ from evomerge.tasks.evolve import (
 )
 from evomerge.flows import budget
 from evomerge.flows.monitoring import RunMonitor
+from evomerge.flows.parameters import config_flow
 from evomerge.flows.runners import candidate_runner, candidate_slots, map_candidates
 from evomerge_core.runs import search as evolution
 from evomerge_core.config.schema import RunConfig, parse_run_config
+from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
 from evomerge_core.runs.resume import Run, candidate_keys, open_run
 from evomerge_core.spaces import build_space
 
 
-@flow(name="evolve", flow_run_name="evolve-{run_key}", validate_parameters=False)
-def evolve(config: dict[str, Any], resume: bool = True, run_key: str = "") -> dict[str, Any]:
+# The config is validated by parse_run_config (its errors name the field and the fix), not by
+# Prefect; credential values in it are masked in the flow run's parameters (flows/parameters.py).
+@config_flow(name="evolve", flow_run_name="evolve-{run_key}", validate_parameters=False)
+def evolve(config: RunConfig, resume: bool = True, run_key: str = "") -> dict[str, Any]:
     """Run an evolutionary merge search; returns the content of `result.json`.
 
-    `config` is a run config as a dict (`RunConfig.model_dump(mode="json")`); `run_key` only
-    names the flow run (the config's effective run key is used when empty).
+    `config` is a `RunConfig` (its JSON form, `RunConfig.model_dump(mode="json")`, is accepted
+    too); `run_key` only names the flow run (the config's effective run key is used when empty).
     """
-    cfg: RunConfig = parse_run_config(config)
+    cfg = _parsed(config)
     if cfg.stages is not None:  # a chained run (e.g. PS then DFS): one sub-run per stage
         from evomerge.flows.chain import run_chain
 
         return run_chain(cfg, resume=resume)
-    config = cfg.model_dump(mode="json")
     run = open_run(cfg, resume=resume, owner=_lease_owner())
     try:
         with candidate_runner(cfg.runtime):  # Prefect's default runner or Dask workers (runtime.task_runner)
-            return _search(cfg, config, run)
+            return _search(cfg, run).to_dict()
     finally:
         run.close()
+
+
+def _parsed(config: RunConfig | dict[str, Any]) -> RunConfig:
+    """The config validated with every static check (`parse_run_config`) from its JSON form, so a
+    `RunConfig` and its dump give the same run (same hash, run key and candidate keys)."""
+    return parse_run_config(config.model_dump(mode="json") if isinstance(config, RunConfig) else config)
 
 
 def _lease_owner() -> str:
@@ -69,10 +78,10 @@ def _lease_owner() -> str:
     return f"flow-run-{flow_run.id}" if flow_run.id else f"process-{uuid.uuid4().hex}"
 
 
-def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
+def _search(cfg: RunConfig, run: Run) -> RunResult:
     """The generations from where the run store left off, then the end of the run."""
     store, state = run.store, run.state
-    sources = resolve_sources(config)
+    sources = resolve_sources(cfg)
     space = build_space(cfg, num_layers=sources["num_layers"], num_layers_b=sources.get("num_layers_b"))
     optimizer = evolution.make_optimizer(cfg, space)
     if state.optimizer_state is not None:
@@ -82,9 +91,9 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
           f"{total} generations -> {store.url()}", flush=True)
     best = evolution.make_tracker(cfg)
     for done in state.generations:
-        best.update(done["candidates"], done["summary"].get("validation"))
-    history: list[dict[str, Any]] = state.history
-    summaries: list[dict[str, Any]] = state.summaries
+        best.update(evolution.candidate_records(done["candidates"]), done["summary"].get("validation"))
+    history: list[CandidateRecord] = evolution.candidate_records(state.history)
+    summaries: list[GenerationSummary] = [GenerationSummary.from_dict(s) for s in state.summaries]
     if run.resumed:
         damaged = " (the newest checkpoint was damaged: fell back one generation)" if state.recovered else ""
         print(f"resuming from generation {state.next_generation + 1}/{total}: {len(history)} evaluations "
@@ -101,72 +110,72 @@ def _search(cfg: RunConfig, config: dict[str, Any], run: Run) -> dict[str, Any]:
         started = time.perf_counter()
         genomes = optimizer.ask()
         if budgeted:
-            records = budget.evaluate_generation(cfg, config, sources, genomes, generation, run, budget_state,
+            records = budget.evaluate_generation(cfg, sources, genomes, generation, run, budget_state,
                                                  optimizer.popsize, counts)
         else:
-            records = _evaluate(cfg, config, sources, genomes, generation, run, counts)
-        optimizer.tell(genomes, [r["fitness"] for r in records])
+            records = _evaluate(cfg, sources, genomes, generation, run, counts)
+        optimizer.tell(genomes, [r.fitness for r in records])
         history.extend(records)
         validation = None
         top_of_generation = evolution.generation_best(records)
         if cfg.fitness.validation is not None and top_of_generation is not None:
-            validation = evaluate_validation(config, sources["paths"], top_of_generation["genome"], generation,
-                                             top_of_generation["index"])
+            validation = evaluate_validation(cfg, sources["paths"], top_of_generation.genome, generation,
+                                             top_of_generation.index)
         best.update(records, validation)
         summary = evolution.summarise_generation(generation, records, time.perf_counter() - started, validation)
         summaries.append(summary)
         run.lease.renew()
-        checkpoint(config, generation, records, optimizer.state_dict(), summary, best.record, len(history),
+        checkpoint(cfg, generation, records, optimizer.state_dict(), summary, best.record, len(history),
                    {"budget": budget_state.to_dict()} if budgeted else None)
-        print(evolution.progress_line(summary, total, best.record["fitness"] if best.record else None), flush=True)
+        print(evolution.progress_line(summary, total, best.record.fitness if best.record else None), flush=True)
         monitor.generation(records, summaries, best.record)
-    first_error = next((r["error"] for r in history if r.get("error")), None)
+    first_error = next((r.error for r in history if r.error), None)
     top = best.require(len(history), first_error)
     checks: list[dict[str, Any]] = []
     if cfg.fitness.budget is not None:  # the best is chosen on the full train split
-        top, checks = budget.final_check(cfg, config, sources, history, counts)
+        top, checks = budget.final_check(cfg, sources, history, counts)
     test = None
     if cfg.fitness.test is not None:
-        test = evaluate_test(config, sources["paths"], top["genome"], top["generation"], top["index"])
+        test = evaluate_test(cfg, sources["paths"], top.genome, top.generation, top.index)
     best_url = None
     if cfg.output.materialise_best:
-        best_url = materialise_best(config, sources["paths"], sources["num_layers"], top["genome"])
+        best_url = materialise_best(cfg, sources["paths"], sources["num_layers"], top.genome)
     result = evolution.build_result(cfg, space, top, history, summaries, test, best_url)
     if cfg.fitness.budget is not None:
         extra = [budget_state.sources] if budgeted and budget_state.sources else []
-        result.update(budget.result_section(budget_state if budgeted else None, checks),
-                      cost=evolution.run_cost(history, extra + checks))
-    url = write_result(config, result)
+        result = result.replace(**budget.result_section(budget_state if budgeted else None, checks),
+                                cost=evolution.run_cost(history, extra + checks))
+    url = write_result(cfg, result)
     monitor.finished(store.url("report/fitness.png") if cfg.output.report else None)
     print(f"evaluations: {counts['new']} new, {counts['reused']} reused from the run store, "
           f"{len(state.history)} restored from checkpoints", flush=True)
-    print(f"best fitness {top['fitness']:.4f} (generation {top['generation'] + 1}, candidate {top['index']}); "
+    print(f"best fitness {top.fitness:.4f} (generation {top.generation + 1}, candidate {top.index}); "
           f"result: {url}", flush=True)
     if cfg.output.publish.repo_id:  # the publish step: only when output.publish.repo_id is set
         from evomerge.flows.publish import publish_run_best
 
-        publish_run_best(config, best_url, sources["paths"])
+        publish_run_best(cfg.model_dump(mode="json"), best_url, sources["paths"])
     return result
 
 
-def _evaluate(cfg: RunConfig, config: dict[str, Any], sources: dict[str, Any], genomes: list[list[float]],
-              generation: int, run: Run, counts: dict[str, int]) -> list[dict[str, Any]]:
+def _evaluate(cfg: RunConfig, sources: dict[str, Any], genomes: list[list[float]], generation: int, run: Run,
+              counts: dict[str, int]) -> list[CandidateRecord]:
     """One generation's records: evaluations already in the run store (finished before an
     interruption) are reused; the others are mapped over the workers and stored as they finish."""
     keys = candidate_keys(cfg, sources["revisions"], genomes)
-    records: list[dict[str, Any] | None] = [
-        None if r is None else {**r, "generation": generation, "index": i} for i, r in enumerate(run.cached(keys))
+    records: list[CandidateRecord | None] = [
+        None if r is None else CandidateRecord.from_dict(r).at(generation, i) for i, r in enumerate(run.cached(keys))
     ]
     todo = [i for i, r in enumerate(records) if r is None]
     batches = [[todo[j] for j in b] for b in cfg.runtime.task_runner.batches(len(todo), candidate_slots())]
     if batches and max(map(len, batches)) == 1:  # a task run per candidate
-        futures = map_candidates(merge_and_evaluate, unmapped(config), unmapped(sources["paths"]),
+        futures = map_candidates(merge_and_evaluate, unmapped(cfg), unmapped(sources["paths"]),
                                  [genomes[i] for i in todo], generation=unmapped(generation), index=todo,
                                  key=[keys[i] for i in todo])
         for i, future in zip(todo, futures):
             records[i] = future.result()
     elif batches:  # runtime.task_runner.candidates_per_task > 1: a task run per batch
-        futures = map_candidates(evaluate_candidates, unmapped(config), unmapped(sources["paths"]),
+        futures = map_candidates(evaluate_candidates, unmapped(cfg), unmapped(sources["paths"]),
                                  [[genomes[i] for i in b] for b in batches], generation=unmapped(generation),
                                  indices=batches, keys=[[keys[i] for i in b] for b in batches],
                                  span=[f"{b[0]}-{b[-1]}" if len(b) > 1 else str(b[0]) for b in batches])
