@@ -48,9 +48,14 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise self.error(self.unknown_message(name, what=what)) from None
 
-    def unknown_message(self, name: object, *, what: str | None = None) -> str:
+    def close_match(self, name: object) -> str | None:
+        """The registered name closest to `name`, or None when none is close."""
         close = difflib.get_close_matches(str(name), list(self._entries), n=1)
-        suggestion = f"; did you mean {close[0]!r}?" if close else ""
+        return close[0] if close else None
+
+    def unknown_message(self, name: object, *, what: str | None = None) -> str:
+        close = self.close_match(name)
+        suggestion = f"; did you mean {close!r}?" if close else ""
         known = ", ".join(sorted(self._entries))
         hint = f" {self.hint}" if self.hint else ""
         return f"unknown {what or self.what} {name!r}{suggestion} known: {known}.{hint}"
@@ -61,6 +66,12 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __delitem__(self, name: str) -> None:
+        self.remove(name)
 
     def items(self) -> list[tuple[str, T]]:
         return list(self._entries.items())

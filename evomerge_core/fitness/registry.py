@@ -16,25 +16,38 @@ pass), ``check_options(options)`` (validate options before any model is loaded),
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge_core.errors import ConfigError
+from evomerge_core.registry import Registry
 
 # Fitness recorded for a failed candidate of a user scorer that declares no `worst_fitness`.
 DEFAULT_WORST = -1e9
 
-BUILTIN_SCORERS: dict[str, str] = {
-    "math_accuracy": "evomerge_core.fitness.scorers:math_accuracy",
-    "exact_match": "evomerge_core.fitness.scorers:exact_match",
-    "logprob": "evomerge_core.fitness.scorers:answer_logprob",
-    "lmeval": "evomerge_core.fitness.lmeval:lmeval_score",
-    "rouge_l": "evomerge_core.fitness.vqa:rouge_l_score",
-    "vqa_rouge_l": "evomerge_core.fitness.vqa:vqa_rouge_l",
-}
+ScorerFn = Callable[["ScoreContext"], Any]
+
+# Named scorers: a lazy "module:function" (imported when used) or the function itself.
+SCORERS: Registry[str | ScorerFn] = Registry("scorer", error=ConfigError)
+BUILTIN_SCORERS = SCORERS  # the name callers have used
+
+
+def register_scorer(name: str, scorer: str | ScorerFn) -> None:
+    """Make `scorer` (a "module:function" string, imported when used, or a callable) the
+    scorer called `name` in configs (`fitness.scorer: name`)."""
+    if ":" in name:
+        raise ValueError(f"scorer name {name!r} must not contain ':' (that form names a user scorer module:function)")
+    SCORERS.add(name, scorer)
+
+
+register_scorer("math_accuracy", "evomerge_core.fitness.scorers:math_accuracy")
+register_scorer("exact_match", "evomerge_core.fitness.scorers:exact_match")
+register_scorer("logprob", "evomerge_core.fitness.scorers:answer_logprob")
+register_scorer("lmeval", "evomerge_core.fitness.lmeval:lmeval_score")
+register_scorer("rouge_l", "evomerge_core.fitness.vqa:rouge_l_score")
+register_scorer("vqa_rouge_l", "evomerge_core.fitness.vqa:vqa_rouge_l")
 
 
 @dataclass
@@ -64,7 +77,7 @@ class ScoreContext:
     def outputs(self) -> list[str]:
         """Greedy generations for `prompts` (computed once)."""
         if "outputs" not in self.cache:
-            from evomerge_core.generation.hf_loop import greedy_generate
+            from evomerge_core.generation.hf_loop import greedy_generate  # deferred: torch; config checks import this module
 
             stats: dict[str, Any] = {}
             self.cache["outputs"] = greedy_generate(
@@ -94,7 +107,7 @@ class Scorer:
     """A resolved scorer and what the evaluator needs to know about it."""
 
     name: str
-    fn: Callable[[ScoreContext], Any]
+    fn: ScorerFn
 
     @property
     def worst(self) -> float:
@@ -171,15 +184,14 @@ def _import_attr(spec: str, what: str) -> Any:
 
 def get_scorer(name: str, *, what: str = "fitness.scorer") -> Scorer:
     """Resolve a built-in scorer name or a user ``module:function``; ConfigError if unknown."""
-    if name in BUILTIN_SCORERS:
-        return Scorer(name, _import_attr(BUILTIN_SCORERS[name], what))
+    if name in SCORERS:
+        entry = SCORERS.get(name)
+        return Scorer(name, _import_attr(entry, what) if isinstance(entry, str) else entry)
     if ":" in name:
         return Scorer(name, _import_attr(name, what))
-    close = difflib.get_close_matches(name, list(BUILTIN_SCORERS), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"{what}: unknown scorer {name!r}{hint}; use one of {', '.join(BUILTIN_SCORERS)} or a user scorer as module:function"
-    )
+    close = SCORERS.close_match(name)
+    hint = f" (did you mean {close!r}?)" if close else ""
+    raise ConfigError(f"{what}: unknown scorer {name!r}{hint}; use one of {', '.join(SCORERS)} or a user scorer as module:function")
 
 
 def accuracy_scorer(fitness_config: Any, main: Scorer) -> Scorer | None:

@@ -10,7 +10,6 @@ directory is built in a temporary sibling and renamed at the end.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import yaml
+from tqdm import tqdm
 
 from evomerge_core.sources.architectures import is_vocab_tensor, layer_index
 from evomerge_core.errors import MergeError
@@ -31,6 +32,7 @@ from evomerge_core.merge.outdir import (check_not_a_source, make_temp_dir, remov
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params, unmatched_filters
 from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.merge.recipe import MergeRecipe
+from evomerge_core.merge.sparsify import tensor_seed
 from evomerge_core.sources.resolve import validate_sources
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -51,12 +53,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPE_NAMES[str(name).lower().removeprefix("torch.")]
     except KeyError:
         raise MergeError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16") from None
-
-
-def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
-    """The DARE seed of one (tensor, model) pair: independent of the order tensors are merged."""
-    digest = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{model_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def tensor_generator(seed: int, tensor_name: str, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -343,8 +339,6 @@ def _vocab_notes(info) -> list[str]:
 
 
 def _write_aux(recipe: MergeRecipe, plan: MergePlan, sources: Mapping[str, Path], tmp: Path, out_dtype: torch.dtype) -> None:
-    import yaml
-
     ref_dir = Path(sources[plan.reference])
     config = json.loads((ref_dir / "config.json").read_text())
     dtype_name = str(out_dtype).removeprefix("torch.")
@@ -367,6 +361,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="merging", unit="tensor", file=sys.stderr)

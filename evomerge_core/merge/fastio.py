@@ -288,7 +288,7 @@ class DirectShardedWriter:
             if exc.errno != errno.EINVAL or not self.direct_used:
                 raise
             # the filesystem accepted O_DIRECT at open but refuses the write: go buffered
-            import fcntl
+            import fcntl  # deferred: POSIX-only, needed only on this rare fallback
 
             fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)

@@ -25,9 +25,12 @@ import torch
 from evomerge_core.errors import MergeError
 from evomerge_core.merge import kernels
 from evomerge_core.merge.params import MergePlan, resolve_tensor_params
+from evomerge_core.merge.methods import METHODS
+from evomerge_core.merge.sparsify import Consensus, DareMasker, Sparsification, tensor_seed
 
-# Methods merged here; anything else goes through the per-tensor engine.
-FLAT_METHODS = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"})
+# Methods merged here (linear, slerp and the task-vector family's declarations); anything
+# else goes through the per-tensor engine.
+FLAT_METHODS = frozenset({"linear", "slerp", *(name for name, m in METHODS.items() if m.task_vector is not None)})
 
 
 class FlatSources:
@@ -92,13 +95,11 @@ class FlatSources:
     def uniforms(self, seed: int, position: int) -> torch.Tensor:
         """DARE uniforms of model position `position` for recipe seed `seed`, as float32
         (exact int16 values, so the keep test is arithmetic)."""
-        from evomerge_core.merge.engine import tensor_seed
-
         key = ("uniforms", seed, position)
         if key not in self._cache:
             out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
             for name, (s, e) in zip(self.names, self.segments()):
-                masker = kernels.DareMasker(tensor_seed(seed, name, position), 0.5, self.device)
+                masker = DareMasker(tensor_seed(seed, name, position), 0.5, self.device)
                 for cs, ce in kernels._ranges(e - s, kernels.chunk_elements(self.device)):
                     out[s + cs : s + ce].copy_(masker.uniforms(cs, ce))
             self._cache[key] = out
@@ -224,9 +225,10 @@ def _slerp(fs, plan, glob, out) -> torch.Tensor:
 
 
 def _task_vector(fs, plan, glob, per_model, out) -> torch.Tensor:
-    method = plan.method.name
-    sparsification = {"ties": "magnitude", "dare_ties": "random", "dare_linear": "random"}.get(method)
-    consensus = method in ("ties", "dare_ties")
+    variant = plan.method.task_vector
+    assert variant is not None  # merge_flat sends only the task-vector family here
+    sparsification = variant.sparsification
+    consensus = variant.consensus is Consensus.SIGN
     T = len(fs.names)
     sizes = fs.numels
     normalize = _per_tensor([float(bool(g["normalize"])) for g in glob])
@@ -240,7 +242,7 @@ def _task_vector(fs, plan, glob, per_model, out) -> torch.Tensor:
     for i, ref in enumerate(plan.inputs):
         d = fs.delta(plan.base, ref).clone()
         scales = list(weights[i])
-        if sparsification == "magnitude" and any(x < 1 for x in densities[i]):
+        if sparsification is Sparsification.MAGNITUDE and any(x < 1 for x in densities[i]):
             ks = [kernels.magnitude_k(densities[i][t], sizes[t]) for t in range(T)]
             if all(k == 0 for k in ks):
                 continue  # dropped entirely: contributes nothing, agrees nowhere
@@ -249,7 +251,7 @@ def _task_vector(fs, plan, glob, per_model, out) -> torch.Tensor:
             d.mul_(keep.neg_().clamp_(0.0, 1.0))
             if any(rescale):
                 _rescale(fs, plan.base, ref, d, scales, [r and k < n for r, k, n in zip(rescale, ks, sizes)])
-        elif sparsification == "random" and any(x < 1 for x in densities[i]):
+        elif sparsification is Sparsification.RANDOM and any(x < 1 for x in densities[i]):
             levels = [min(65536, max(0, round(x * 65536))) for x in densities[i]]
             neg_keep = fs.uniforms(plan.recipe.seed, i).clone()  # -> -1 keep, 0 drop (as DareMasker)
             per_tensor_(fs, neg_keep, [float(v - 32768) for v in levels], "sub")
@@ -283,11 +285,7 @@ def _task_vector(fs, plan, glob, per_model, out) -> torch.Tensor:
             else:
                 out.add_(d)
         if div is not None:
-            if min(min(ws) for ws in live_weights) > 1e-20:
-                div.clamp_min_(1e-30)  # 0 only where nothing agrees, and there out is 0 too
-            else:
-                div.masked_fill_(div == 0, 1.0)
-            out.div_(div)
+            kernels.divide_by_agreeing_(out, div, min(min(ws) for ws in live_weights) > 1e-20)
         out.mul_(g)
     else:
         out.copy_(wds[0])

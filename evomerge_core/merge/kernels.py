@@ -31,7 +31,6 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -39,6 +38,10 @@ import torch
 from evomerge_core.errors import MergeError
 
 from . import native, triton_merge
+from .sparsify import DareMasker, MagnitudeCut, TaskVectorSpec, dare_maskers, magnitude_k
+from .sparsify import seed_from as seed_from  # re-exported: callers use kernels.seed_from
+from .workspace import WS as _WS
+from .workspace import release_workspace as release_workspace  # re-exported (engine, benchmarks)
 
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 26
@@ -56,39 +59,6 @@ def _ranges(n: int, chunk: int) -> list[tuple[int, int]]:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-
-
-class _Workspace:
-    """Grow-only scratch buffers, one set per thread (kernel chunks may run on pool threads)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._per_thread: dict[int, dict[tuple[str, torch.dtype, str], torch.Tensor]] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        tid = threading.get_ident()
-        buffers = self._per_thread.get(tid)
-        if buffers is None:
-            with self._lock:
-                buffers = self._per_thread.setdefault(tid, {})
-        key = (name, dtype, str(device))
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-            buffers[key] = buf
-        return buf[:numel]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._per_thread.clear()
-
-
-_WS = _Workspace()
-
-
-def release_workspace() -> None:
-    """Free the kernels' scratch buffers (kept between calls for speed; call when idle)."""
-    _WS.clear()
 
 
 # --------------------------------------------------------------------------- CPU parallelism
@@ -184,26 +154,6 @@ def _output(out: torch.Tensor | None, shape: torch.Size, device: torch.device, d
 
 
 # --------------------------------------------------------------------------- TIES threshold
-
-
-@dataclass(frozen=True)
-class MagnitudeCut:
-    """Keep entry j iff |d_j| > threshold, or |d_j| == threshold and j < cut.
-
-    Built so that exactly k entries are kept (ties at the threshold lowest index first).
-    """
-
-    threshold: float
-    cut: int
-
-
-def magnitude_k(density: float, n: int) -> int:
-    """Entries TIES keeps of n: max(1, int(density * n)); all if density >= 1, none if <= 0."""
-    if density >= 1:
-        return n
-    if density <= 0 or n == 0:
-        return 0
-    return min(n, max(1, int(density * n)))
 
 
 def magnitude_cut(keys: torch.Tensor, k: int, exact_abs: Callable[[torch.Tensor], torch.Tensor]) -> MagnitudeCut:
@@ -309,82 +259,6 @@ def _shrink_by_cut_(d: torch.Tensor, cut: MagnitudeCut, s: int, e: int) -> None:
 
 # --------------------------------------------------------------------------- DARE masks
 
-_HASH_MUL = 0x45D9F3B
-
-
-def _i32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
-class DareMasker:
-    """Bernoulli(density) keep masks from a counter hash.
-
-    Entry j of a tensor uses the 16-bit half j % 2 of h(j // 2), where h is a 32-bit mixer
-    (xorshift-multiply, two rounds) applied to mul * (j // 2) + add, with (mul, add) taken
-    from the 64-bit seed. The entry is kept iff that half, as a signed int16, is below
-    round(density * 65536) - 32768.
-    """
-
-    def __init__(self, seed: int, density: float, device: torch.device | str) -> None:
-        seed = int(seed) & ((1 << 64) - 1)
-        self.mul = _i32((seed >> 32) | 1)
-        self.add = _i32(seed)
-        level = min(65536, max(0, round(float(density) * 65536)))
-        self.keep_all = level >= 65536
-        self.threshold = level - 32768
-        self.device = torch.device(device)
-
-    def uniforms(self, s: int, e: int, scratch: str = "dare") -> torch.Tensor:
-        """Uniform int16 values of entries [s, e) (s even), in a workspace buffer."""
-        nw = (e - s + 1) // 2
-        words = _WS.get(scratch + ".w", nw, torch.int32, self.device)
-        tmp = _WS.get(scratch + ".t", nw, torch.int32, self.device)
-        torch.mul(_arange(nw, self.device), self.mul, out=words)
-        words.add_(_i32(self.mul * (s // 2) + self.add))
-        for _ in range(2):
-            _xorshift16_(words, tmp)
-            words.mul_(_HASH_MUL)
-        _xorshift16_(words, tmp)
-        return words.view(torch.int16)[: e - s]
-
-    def mask(self, s: int, e: int) -> torch.Tensor:
-        """Boolean keep mask of entries [s, e)."""
-        if self.keep_all:
-            return torch.ones(e - s, dtype=torch.bool, device=self.device)
-        return self.uniforms(s, e) < self.threshold
-
-    def neg_mask_into(self, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """-1.0 where the uniforms `u` keep the entry, 0.0 where they drop it (float32 `out`)."""
-        out.copy_(u)
-        out.sub_(self.threshold)
-        return out.clamp_(-1.0, 0.0)
-
-
-_ARANGES: dict[str, torch.Tensor] = {}
-_ARANGES_LOCK = threading.Lock()
-
-
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """0 .. n-1 as int32 (a shared, grow-only buffer per device; read-only)."""
-    key = str(device)
-    ar = _ARANGES.get(key)
-    if ar is None or ar.numel() < n:
-        with _ARANGES_LOCK:
-            ar = _ARANGES.get(key)
-            if ar is None or ar.numel() < n:
-                ar = torch.arange(max(n, chunk_elements(device)), dtype=torch.int32, device=device)
-                _ARANGES[key] = ar
-    return ar[:n]
-
-
-def _xorshift16_(words: torch.Tensor, tmp: torch.Tensor) -> None:
-    """words ^= words >>> 16 (logical shift on int32)."""
-    torch.bitwise_right_shift(words, 16, out=tmp)
-    tmp.bitwise_and_(0xFFFF)
-    words.bitwise_xor_(tmp)
-
-
 def dare_mask(shape: Sequence[int] | torch.Size, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The DARE keep mask (bool, `shape`) that the kernels use for this seed and density."""
     n = math.prod(shape)
@@ -395,37 +269,7 @@ def dare_mask(shape: Sequence[int] | torch.Size, density: float, seed: int, devi
     return out.reshape(tuple(shape))
 
 
-def dare_maskers(specs: Sequence["TaskVectorSpec"], device: torch.device) -> dict[int, DareMasker]:
-    """{model position: its DARE masker} for the models that drop anything (density < 1)."""
-    maskers = {}
-    for i, sp in enumerate(specs):
-        if float(sp.density) >= 1:
-            continue
-        if sp.seed is None:
-            raise MergeError("DARE needs a seed per model; pass TaskVectorSpec(seed=...)")
-        mk = DareMasker(sp.seed, float(sp.density), device)
-        if not mk.keep_all:
-            maskers[i] = mk
-    return maskers
-
-
-def seed_from(generator: torch.Generator | int | None) -> int:
-    """A 63-bit DARE seed: the int itself, one draw from `generator`, or from torch's RNG."""
-    if isinstance(generator, int):
-        return generator
-    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device if generator is not None else "cpu"))
-
-
 # --------------------------------------------------------------------------- task vectors
-
-
-@dataclass(frozen=True)
-class TaskVectorSpec:
-    """One non-base input of a task-vector merge."""
-
-    weight: float
-    density: float = 1.0
-    seed: int | None = None  # DARE only
 
 
 def task_vector_merge(
@@ -478,6 +322,17 @@ def task_vector_merge(
         job.random(rescale)
     job.combine(live, consensus, normalize, float(lam), flat_out)
     return out
+
+
+def divide_by_agreeing_(o: torch.Tensor, div: torch.Tensor, safe_div: bool) -> None:
+    """o /= div in place, `div` holding the summed weights of the entries that agree with the
+    elected sign. `safe_div` (every weight > 1e-20): `div` is 0 only where nothing agrees, and
+    there `o` is 0 too; otherwise those zeros become 1."""
+    if safe_div:
+        div.clamp_min_(1e-30)
+    else:
+        div.masked_fill_(div == 0, 1.0)
+    o.div_(div)
 
 
 class _TaskVectorJob:
@@ -721,11 +576,7 @@ class _TaskVectorJob:
                     if j > 0:
                         o.add_(d)
                 if dv is not None:
-                    if safe_div:
-                        dv.clamp_min_(1e-30)  # 0 only where nothing agrees, and there o is 0 too
-                    else:
-                        dv.masked_fill_(dv == 0, 1.0)
-                    o.div_(dv)
+                    divide_by_agreeing_(o, dv, safe_div)
                 o.mul_(g)
             else:
                 o.copy_(wds[0][0])

@@ -1,6 +1,11 @@
-"""Merge methods: a registry of pure functions on tensors, with mergekit 0.1.5's parameter
-names, defaults and semantics (see docs/merging.md). The arithmetic lives in
+"""Merge methods: a registry (`METHODS`) of pure functions on tensors, with mergekit 0.1.5's
+parameter names, defaults and semantics (see docs/merging.md). The arithmetic lives in
 `evomerge_core.merge.kernels` (chunked, float32 inside, any float input dtype).
+
+The task-vector family (task_arithmetic, ties, dare_ties, dare_linear) is data, as in mergekit:
+each method is one `TaskVectorVariant` declaration (sparsification, consensus, the defaults of
+`normalize` and `rescale`) served by the one function `merge_task_vectors`; a new member is one
+`register_task_vector_method` line. Other methods register a function with `register_method`.
 
 Every method function has the signature
 
@@ -21,7 +26,7 @@ model, per layer gradient, per name filter) by `evomerge_core.merge.params`.
 
 from __future__ import annotations
 
-import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,6 +34,8 @@ import torch
 
 from evomerge_core.errors import MergeError
 from evomerge_core.merge import kernels
+from evomerge_core.merge.sparsify import Consensus, Sparsification, TaskVectorSpec, seed_from
+from evomerge_core.registry import Registry
 
 
 class _Required:
@@ -45,6 +52,45 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {"density": (0.0, 1.0), "t": (0.0
 
 MethodFn = Callable[..., torch.Tensor]
 
+# The global parameters of every task-vector method, with mergekit's defaults.
+_TV_GLOBALS: Mapping[str, Any] = {"normalize": False, "lambda": 1.0, "int8_mask": False}
+
+
+@dataclass(frozen=True)
+class TaskVectorVariant:
+    """One member of the task-vector family (mergekit's generalized task arithmetic):
+
+        base + lambda * consensus_i(weight_i * sparsify_i(model_i - base)) [normalized]
+
+    The fields say which; the method's parameters and their defaults follow from them.
+    """
+
+    sparsification: Sparsification = Sparsification.NONE
+    consensus: Consensus = Consensus.NONE
+    normalize: bool = False  # default of the `normalize` parameter
+    rescale: bool = False  # default of the `rescale` parameter (L1 rescale of a sparsified vector)
+
+    @property
+    def sparsifies(self) -> bool:
+        return self.sparsification is not Sparsification.NONE
+
+    @property
+    def model_params(self) -> tuple[str, ...]:
+        return ("weight", "density") if self.sparsifies else ("weight",)
+
+    @property
+    def model_defaults(self) -> dict[str, Any]:
+        return {"density": 1.0} if self.sparsifies else {}
+
+    @property
+    def global_params(self) -> dict[str, Any]:
+        rescale = {"rescale": self.rescale} if self.sparsifies else {}
+        return {**_TV_GLOBALS, "normalize": self.normalize, **rescale}
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sparsification is Sparsification.RANDOM
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -59,6 +105,8 @@ class MergeMethod:
     stochastic: bool = False
     # Exactly this many non-base models (slerp: 1), or None for any number >= 1.
     num_models: int | None = None
+    # Set for the task-vector family: the method is this declaration, `fn` its generic merge.
+    task_vector: TaskVectorVariant | None = None
 
     def default_for(self, param: str) -> Any:
         """The default of a parameter, or REQUIRED."""
@@ -95,7 +143,8 @@ class MergeMethod:
         return out
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+METHODS: Registry[MergeMethod] = Registry("merge method", error=MergeError)
+MERGE_METHODS = METHODS  # the name callers and tests have used
 
 
 def register_method(
@@ -108,12 +157,10 @@ def register_method(
     stochastic: bool = False,
     num_models: int | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering `fn` as merge method `name` in MERGE_METHODS."""
+    """Decorator registering `fn` as merge method `name` in METHODS."""
 
     def decorate(fn: MethodFn) -> MethodFn:
-        if name in MERGE_METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        MERGE_METHODS[name] = MergeMethod(
+        METHODS.add(name, MergeMethod(
             name=name,
             fn=fn,
             needs_base=needs_base,
@@ -122,21 +169,34 @@ def register_method(
             global_params=dict(global_params or {}),
             stochastic=stochastic,
             num_models=num_models,
-        )
+        ))
         return fn
 
     return decorate
 
 
+def register_task_vector_method(name: str, variant: TaskVectorVariant) -> MergeMethod:
+    """Register merge method `name` as a member of the task-vector family: no code, only the
+    variant's fields (its parameters and defaults follow from them)."""
+    return METHODS.add(name, MergeMethod(
+        name=name,
+        fn=functools.partial(merge_task_vectors, variant=variant),
+        needs_base=True,
+        model_params=variant.model_params,
+        model_defaults=variant.model_defaults,
+        global_params=variant.global_params,
+        stochastic=variant.stochastic,
+        task_vector=variant,
+    ))
+
+
 def get_method(name: str) -> MergeMethod:
     """The registered method `name`; raises MergeError with a suggestion for unknown names."""
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), MERGE_METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        known = ", ".join(sorted(MERGE_METHODS))
-        raise MergeError(f"unknown merge method {name!r}{hint}; supported methods: {known}") from None
+    if name in METHODS:
+        return METHODS.get(name)
+    close = METHODS.close_match(name)
+    hint = f" (did you mean {close!r}?)" if close else ""
+    raise MergeError(f"unknown merge method {name!r}{hint}; supported methods: {', '.join(METHODS.names())}")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -171,7 +231,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generat
     """
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    return kernels.dare_mask(delta.shape, density, kernels.seed_from(generator), delta.device)
+    return kernels.dare_mask(delta.shape, density, seed_from(generator), delta.device)
 
 
 def rescale_l1(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -186,34 +246,30 @@ def rescale_l1(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) 
     return masked * (before / after)
 
 
-def _specs(model_params: Sequence[Mapping[str, Any]], generators: Sequence[Any], *, random: bool) -> list[kernels.TaskVectorSpec]:
-    specs = []
-    for mp, gen in zip(model_params, generators):
-        density = float(mp.get("density", 1.0))
-        seed = kernels.seed_from(gen) if random and density < 1 else None
-        specs.append(kernels.TaskVectorSpec(weight=float(mp["weight"]), density=density, seed=seed))
-    return specs
-
-
-def _task_vector_merge(
+def merge_task_vectors(
     tensors: Sequence[torch.Tensor],
+    *,
     base: torch.Tensor,
     model_params: Sequence[Mapping[str, Any]],
     params: Mapping[str, Any],
     generators: Sequence[Any],
-    out: torch.Tensor | None,
-    *,
-    sparsification: str | None,
-    consensus: bool,
+    out: torch.Tensor | None = None,
+    variant: TaskVectorVariant,
 ) -> torch.Tensor:
-    """The task-vector family: sparsify (model - base), weight, elect signs, normalize, lambda
-    (see `kernels.task_vector_merge`)."""
+    """The task-vector family's one merge: sparsify (model - base), weight, combine by the
+    variant's consensus, normalize, lambda, + base (see `kernels.task_vector_merge`)."""
+    random = variant.sparsification is Sparsification.RANDOM
+    specs = []
+    for mp, gen in zip(model_params, generators):
+        density = float(mp.get("density", 1.0))
+        seed = seed_from(gen) if random and density < 1 else None
+        specs.append(TaskVectorSpec(weight=float(mp["weight"]), density=density, seed=seed))
     return kernels.task_vector_merge(
         base,
         list(tensors),
-        _specs(model_params, generators, random=sparsification == "random"),
-        sparsification=sparsification,
-        consensus=consensus,
+        specs,
+        sparsification=variant.sparsification.kernel_name,
+        consensus=variant.consensus is Consensus.SIGN,
         normalize=bool(params["normalize"]),
         lam=float(params["lambda"]),
         rescale=bool(params.get("rescale", False)),
@@ -231,53 +287,15 @@ def linear(tensors, *, base, model_params, params, generators, out=None):
     return kernels.linear_merge(list(tensors), weights, normalize=bool(params["normalize"]), out=out)
 
 
-_TV_GLOBALS = {"normalize": False, "lambda": 1.0, "int8_mask": False}
-
-
-@register_method(
-    "task_arithmetic", needs_base=True, model_params=("weight",), global_params=_TV_GLOBALS
-)
-def task_arithmetic(tensors, *, base, model_params, params, generators, out=None):
-    """base + lambda * sum_i weight_i * (model_i - base) [/ sum_i weight_i when normalize]."""
-    return _task_vector_merge(tensors, base, model_params, params, generators, out, sparsification=None, consensus=False)
-
-
-@register_method(
-    "ties",
-    needs_base=True,
-    model_params=("weight", "density"),
-    model_defaults={"density": 1.0},
-    global_params={**_TV_GLOBALS, "normalize": True, "rescale": False},
-)
-def ties(tensors, *, base, model_params, params, generators, out=None):
-    """TIES: keep the top-`density` |delta| per model, elect signs by sum, average agreeing."""
-    return _task_vector_merge(tensors, base, model_params, params, generators, out, sparsification="magnitude", consensus=True)
-
-
-@register_method(
-    "dare_ties",
-    needs_base=True,
-    model_params=("weight", "density"),
-    model_defaults={"density": 1.0},
-    global_params={**_TV_GLOBALS, "rescale": True},
-    stochastic=True,
-)
-def dare_ties(tensors, *, base, model_params, params, generators, out=None):
-    """DARE random drop (keep prob `density`, L1 rescale) followed by TIES sign election."""
-    return _task_vector_merge(tensors, base, model_params, params, generators, out, sparsification="random", consensus=True)
-
-
-@register_method(
-    "dare_linear",
-    needs_base=True,
-    model_params=("weight", "density"),
-    model_defaults={"density": 1.0},
-    global_params={**_TV_GLOBALS, "rescale": True},
-    stochastic=True,
-)
-def dare_linear(tensors, *, base, model_params, params, generators, out=None):
-    """DARE random drop (keep prob `density`, L1 rescale), then a weighted task-vector sum."""
-    return _task_vector_merge(tensors, base, model_params, params, generators, out, sparsification="random", consensus=False)
+# The task-vector family, as data (mergekit's names and defaults):
+# task_arithmetic: base + lambda * sum_i weight_i * (model_i - base) [/ sum_i weight_i when normalize].
+register_task_vector_method("task_arithmetic", TaskVectorVariant())
+# TIES: keep the top-`density` |delta| per model, elect signs by the sum, average the agreeing.
+register_task_vector_method("ties", TaskVectorVariant(Sparsification.MAGNITUDE, Consensus.SIGN, normalize=True))
+# DARE random drop (keep probability `density`, L1 rescale), then TIES sign election ...
+register_task_vector_method("dare_ties", TaskVectorVariant(Sparsification.RANDOM, Consensus.SIGN, rescale=True))
+# ... or a plain weighted sum.
+register_task_vector_method("dare_linear", TaskVectorVariant(Sparsification.RANDOM, rescale=True))
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:

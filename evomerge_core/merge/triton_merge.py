@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from .kernels import MagnitudeCut, TaskVectorSpec
+from .sparsify import DareMasker, MagnitudeCut, TaskVectorSpec, dare_maskers, magnitude_k
 
 MAX_MODELS = 4
 _HIST_BLOCK = 4096
@@ -60,7 +59,7 @@ def usable(device: torch.device, models: int) -> bool:
 
 def _k():
     """The kernels module (importing triton and compiling lazily: CPU-only runs never pay for it)."""
-    from . import triton_kernels
+    from . import triton_kernels  # deferred: imports triton and compiles kernels
 
     return triton_kernels
 
@@ -87,7 +86,7 @@ def _sample_indices(n: int, device: torch.device) -> torch.Tensor:
     return idx
 
 
-def magnitude_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[int]) -> list["MagnitudeCut"]:
+def magnitude_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[int]) -> list[MagnitudeCut]:
     """The exact keep rule of the k_i largest |model_i - base| (1 <= k_i < n).
 
     A random sample of |d| brackets the k-th largest magnitude between two sampled values
@@ -107,9 +106,7 @@ def magnitude_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Seque
     return cuts  # type: ignore[return-value]
 
 
-def _bracket_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[int]) -> list["MagnitudeCut | None"]:
-    from .kernels import MagnitudeCut
-
+def _bracket_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[int]) -> list[MagnitudeCut | None]:
     n = base.numel()
     device = base.device
     M = len(models)
@@ -187,10 +184,8 @@ def _tie_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], tied: list[tup
     return {i: cut for (i, _, _), cut in zip(tied, found.tolist())}
 
 
-def radix_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[int]) -> list["MagnitudeCut"]:
+def radix_cuts(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[int]) -> list[MagnitudeCut]:
     """The exact keep rule of the k_i largest |model_i - base| (1 <= k_i < n), by radix selection."""
-    from .kernels import MagnitudeCut
-
     n = base.numel()
     device = base.device
     grid = (_blocks(n, _HIST_BLOCK),)
@@ -224,11 +219,11 @@ def _float_to_bits(value: float) -> int:
     return int(torch.tensor([value], dtype=torch.float32).view(torch.int32)[0])
 
 
-def _dare_args(masker) -> tuple[int, int, int]:
+def _dare_args(masker: DareMasker | None) -> tuple[int, int, int]:
     return (masker.mul, masker.add, masker.threshold) if masker is not None else (1, 0, 0)
 
 
-def l1_sums(base: torch.Tensor, x: torch.Tensor, cut: "MagnitudeCut | None", masker) -> tuple[float, float]:
+def l1_sums(base: torch.Tensor, x: torch.Tensor, cut: MagnitudeCut | None, masker: DareMasker | None) -> tuple[float, float]:
     """(sum |d|, sum of the kept |d|) of one model's task vector d, for the L1 rescale."""
     n = base.numel()
     nb = _blocks(n, _HIST_BLOCK)
@@ -240,7 +235,7 @@ def l1_sums(base: torch.Tensor, x: torch.Tensor, cut: "MagnitudeCut | None", mas
     return total[0], total[1]
 
 
-def _sparsity_args(cut: "MagnitudeCut | None", masker, n: int) -> tuple[int, int, int]:
+def _sparsity_args(cut: MagnitudeCut | None, masker: DareMasker | None, n: int) -> tuple[int, int, int]:
     if cut is not None:
         return 1, _float_to_bits(cut.threshold), cut.cut
     if masker is not None:
@@ -248,7 +243,7 @@ def _sparsity_args(cut: "MagnitudeCut | None", masker, n: int) -> tuple[int, int
     return 0, -1, n
 
 
-def combine(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], cuts: Sequence["MagnitudeCut | None"],
+def combine(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], cuts: Sequence[MagnitudeCut | None],
             maskers: Sequence, scales: Sequence[float], weights: Sequence[float], *, consensus: bool, normalize: bool,
             lam: float, plain_div: float, safe_div: bool) -> None:
     """out = base + lam * combine_i(scale_i * keep_i * (model_i - base)), one fused pass (flat tensors)."""
@@ -275,12 +270,10 @@ def combine(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor
         SAFE_DIV=bool(safe_div), EXACT=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=_COMBINE_BLOCK)
 
 
-def task_vector_merge(base: torch.Tensor, models: list[torch.Tensor], specs: Sequence["TaskVectorSpec"], *,
+def task_vector_merge(base: torch.Tensor, models: list[torch.Tensor], specs: Sequence[TaskVectorSpec], *,
                       sparsification: str | None, consensus: bool, normalize: bool, lam: float, rescale: bool,
                       flat_out: torch.Tensor) -> None:
     """`kernels.task_vector_merge` on flat contiguous tensors, fused (see the module docstring)."""
-    from .kernels import dare_maskers, magnitude_k
-
     n = base.numel()
     weights = [float(sp.weight) for sp in specs]
     live = list(range(len(models)))

@@ -15,7 +15,7 @@ from evomerge_core.config.schema import DatasetSpec, FitnessConfig
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.data import load_items
 from evomerge_core.fitness.evaluator import Fitness
-from evomerge_core.fitness.registry import ScoreContext, get_scorer
+from evomerge_core.fitness.registry import SCORERS, ScoreContext, get_scorer, register_scorer
 from evomerge_core.fitness.scorers import exact_match, math_accuracy, math_correct
 from evomerge_core.fitness.text import in_script, last_number, script_fraction
 
@@ -92,6 +92,23 @@ def test_registry_builtins_user_and_unknown(tmp_path, monkeypatch):
         get_scorer("my_scorers_for_test:nope")
     with pytest.raises(ConfigError, match="did you mean 'logprob'"):
         get_scorer("logprb")
+
+
+def test_register_scorer_adds_a_named_scorer_in_one_place():
+    def half(ctx):
+        return 0.5
+
+    register_scorer("half_for_test", half)
+    try:
+        assert get_scorer("half_for_test")(None) == {"fitness": 0.5}
+        with pytest.raises(ValueError, match="already registered"):
+            register_scorer("half_for_test", half)
+    finally:
+        SCORERS.remove("half_for_test")
+    with pytest.raises(ValueError, match="must not contain ':'"):
+        register_scorer("pkg:half", half)
+    with pytest.raises(ConfigError, match="fitness.scorer: unknown scorer .half_for_test.; use one of .* or a user scorer"):
+        get_scorer("half_for_test")
 
 
 def test_lmeval_scorer_is_lazy_and_names_the_extra():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,13 +11,18 @@ import torch
 from evomerge_core.errors import MergeError
 from evomerge_core.merge.methods import (
     MERGE_METHODS,
+    METHODS,
+    TaskVectorVariant,
     bernoulli_mask,
     get_method,
     magnitude_mask,
+    merge_task_vectors,
     register_method,
+    register_task_vector_method,
     rescale_l1,
     slerp_tensors,
 )
+from evomerge_core.merge.sparsify import Consensus, Sparsification
 
 B = torch.tensor([1.0, 2.0, 3.0, 4.0])
 X1 = torch.tensor([2.0, 1.0, 3.5, 4.0])  # delta1 = [1, -1, 0.5, 0]
@@ -184,3 +190,59 @@ def test_methods_do_not_modify_inputs():
     for name in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"):
         get_method(name)([X1, X2], base=B, model_params=[{"weight": 1.0, "density": 0.5}] * 2, generators=_gens(0, 2))
     assert all(torch.equal(a, b) for a, b in zip(before, [B, X1, X2]))
+
+
+_TASK_VECTOR_FAMILY = {
+    "task_arithmetic": (Sparsification.NONE, Consensus.NONE),
+    "ties": (Sparsification.MAGNITUDE, Consensus.SIGN),
+    "dare_ties": (Sparsification.RANDOM, Consensus.SIGN),
+    "dare_linear": (Sparsification.RANDOM, Consensus.NONE),
+}
+
+
+def test_every_task_vector_method_is_a_declaration():
+    """The task-vector family is data: each member is a TaskVectorVariant served by the one
+    generic merge, its parameters derived from the fields; no member is a function of its own."""
+    declared = {name: m for name, m in METHODS.items() if m.task_vector is not None}
+    assert set(_TASK_VECTOR_FAMILY) <= set(declared)
+    for name, (sparsification, consensus) in _TASK_VECTOR_FAMILY.items():
+        v = declared[name].task_vector
+        assert (v.sparsification, v.consensus) == (sparsification, consensus), name
+    for name, m in METHODS.items():
+        generic = isinstance(m.fn, functools.partial) and m.fn.func is merge_task_vectors
+        assert generic == (m.task_vector is not None), name
+        if m.task_vector is None:
+            continue
+        v = m.task_vector
+        assert m.fn.keywords == {"variant": v} and m.needs_base, name
+        assert m.model_params == (("weight", "density") if v.sparsifies else ("weight",)), name
+        assert m.stochastic == (v.sparsification is Sparsification.RANDOM), name
+        assert m.global_params["normalize"] is v.normalize and m.global_params["lambda"] == 1.0, name
+        assert m.global_params.get("rescale") == (v.rescale if v.sparsifies else None), name
+
+
+def test_a_new_task_vector_variant_is_one_declaration():
+    """Magnitude trim without sign election (not a built-in) works from its declaration alone,
+    called directly and through a recipe and the merge engine."""
+    from evomerge_core.merge.engine import merge_state_dicts
+    from evomerge_core.merge.recipe import MergeRecipe
+
+    register_task_vector_method("trimmed_sum_for_test", TaskVectorVariant(Sparsification.MAGNITUDE))
+    try:
+        m = get_method("trimmed_sum_for_test")
+        assert m.model_params == ("weight", "density") and m.global_params["rescale"] is False
+        # density 0.5 keeps the top 2 |delta|: d1 [1,-1,.5,0] -> [1,-1,0,0]; d2 [-1,2,2,-1] -> [0,2,2,0]
+        expected = B + torch.tensor([1.0, 1.0, 2.0, 0.0])
+        mp = [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
+        assert torch.equal(m([X1, X2], base=B, model_params=mp), expected)
+        recipe = MergeRecipe.model_validate({
+            "merge_method": "trimmed_sum_for_test",
+            "base_model": "b",
+            "models": [{"model": "x1", "parameters": mp[0]}, {"model": "x2", "parameters": mp[1]}],
+        })
+        merged = merge_state_dicts(recipe, {"b": {"w": B}, "x1": {"w": X1}, "x2": {"w": X2}}, num_layers=1)["w"]
+        assert torch.equal(merged.float(), expected)
+    finally:
+        METHODS.remove("trimmed_sum_for_test")
+    with pytest.raises(MergeError, match="unknown merge method 'trimmed_sum_for_test'"):
+        get_method("trimmed_sum_for_test")
