@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -327,17 +326,3 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
             shutil.copy2(path, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a fully written `tmp` directory to `out_dir`; an existing `out_dir` is swapped
-    aside first and deleted only once the new one is in place (readers never see a half dir)."""
-    from evomerge_core.merge.outdir import temp_prefix  # host and pid in the name: see merge/outdir.py
-
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir, "old"), dir=out_dir.parent))
-        os.replace(out_dir, old / "previous")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

@@ -9,14 +9,12 @@ and an explicit, unscaled ``lm_head.weight``), so the head stays A's.
 
 Everything else (embeddings, final norm, head, tokenizer, generation config) comes from A;
 ``num_hidden_layers`` becomes the number of hops and per-layer config lists (``layer_types``)
-follow the hops. The directory is built in a temporary sibling and renamed at the end.
+follow the hops. The directory is built in a temporary sibling and renamed at the end
+(`io.model_dir.ModelDirWriter`); the recipe is `recipe.yaml`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,12 +23,11 @@ import torch
 from evomerge_core.kinds.dfs_model import scale_tensor
 from evomerge_core.sources.decoder_families import DecoderFamily, check_pair
 from evomerge_core.errors import MergeError, SourceError
-from evomerge_core.io.model_files import TOKENIZER_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
-from evomerge_core.merge.outdir import umask_permissions
-from evomerge_core.merge.provenance import write_source_record
+from evomerge_core.io.model_dir import RECIPE_FILE, ModelDirWriter, check_target, set_config_dtype
+from evomerge_core.io.model_files import TOKENIZER_FILES, LazyModelReader, PlannedTensor, read_config
 from evomerge_core.spaces.dfs import DFSRecipe
 
-RECIPE_FILE = "evomerge_dfs_recipe.yaml"
+__all__ = ["RECIPE_FILE", "materialise_dfs"]  # RECIPE_FILE: the recipe's name, io.model_dir's
 
 
 def _layer_tensors(reader: LazyModelReader, prefix: str, layer: int) -> list[str]:
@@ -66,8 +63,6 @@ def materialise_dfs(
 ) -> Path:
     """Write `recipe` as a loadable model directory; `sources` maps the recipe's model
     references to local directories. Returns `out_dir`."""
-    from evomerge_core.merge.engine import check_out_dir
-
     out_dir = Path(out_dir)
     for ref in (recipe.model_a, recipe.model_b):
         if ref not in sources:
@@ -77,34 +72,26 @@ def materialise_dfs(
     family = check_pair(cfg_a, cfg_b, name_a=recipe.model_a, name_b=recipe.model_b)
     la, lb = int(cfg_a["num_hidden_layers"]), int(cfg_b["num_hidden_layers"])
     recipe.check_layers(la, lb)
-    check_out_dir(out_dir, overwrite)
+    check_target(out_dir, overwrite=overwrite, sources={recipe.model_a: dir_a, recipe.model_b: dir_b})
     reader_a = LazyModelReader(dir_a)
     readers = {"a": reader_a, "b": reader_a if dir_a.resolve() == dir_b.resolve() else LazyModelReader(dir_b)}
     plan, sources_of = _plan(recipe, family, readers, dtype, la, lb)
     config = _config(recipe, cfg_a, dir_a, dir_b, la, lb, plan, family)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    writer = ShardedWriter(tmp, plan, shard_size)
-    try:
-        umask_permissions(tmp)  # mkdtemp makes 0700
+    with ModelDirWriter(out_dir) as out:
+        writer = out.shards(plan, shard_size)
         for item in plan:
             reader, src_name, scale = sources_of[item.name]
             tensor = reader.get(src_name).to(item.dtype)
             if scale != 1.0:
                 tensor = scale_tensor(tensor, scale)
             writer.write(item.name, tensor)
-        writer.close()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copy_files(dir_a, tmp, ["generation_config.json"])
-        copy_files(dir_a, tmp, TOKENIZER_FILES)
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        write_source_record(tmp, {recipe.model_a: dir_a, recipe.model_b: dir_b})  # Hub commits, for the card
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.write_config(config)
+        out.copy_files(dir_a, ["generation_config.json"])
+        out.copy_files(dir_a, TOKENIZER_FILES)
+        out.write_recipe(recipe.to_yaml())
+        out.write_sources({recipe.model_a: dir_a, recipe.model_b: dir_b})  # Hub commits, for the card
+        out.commit()
     return out_dir
 
 
@@ -162,6 +149,4 @@ def _config(recipe: DFSRecipe, cfg_a: dict, dir_a: Path, dir_b: Path, la: int, l
         config["layer_types"] = [(types_a if h.model == "a" else types_b)[h.layer] for h in recipe.path]
     if family.head_tensor in {p.name for p in plan}:
         config["tie_word_embeddings"] = False
-    dtype = next(p.dtype for p in plan if p.name == family.embed_tensor)
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(dtype).removeprefix("torch.")
-    return config
+    return set_config_dtype(config, next(p.dtype for p in plan if p.name == family.embed_tensor))

@@ -17,8 +17,6 @@ Adding a family (Qwen2-VL, Idefics, Gemma 3) is one `VLMFamily` entry plus a tes
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -31,7 +29,8 @@ import torch
 from evomerge_core.sources import architectures as arch
 from evomerge_core.errors import MergeError, SourceError
 from evomerge_core.sources.vlm_families import LMLayout, VLMFamily, detect_layout, family_of, require_family
-from evomerge_core.io.model_files import AUX_FILES, LazyModelReader, PlannedTensor, ShardedWriter, copy_files, read_config, replace_dir
+from evomerge_core.io.model_dir import ModelDirWriter, check_target, set_config_dtype
+from evomerge_core.io.model_files import AUX_FILES, LazyModelReader, PlannedTensor, read_config
 
 @dataclass(frozen=True)
 class VLMCheckpoint:
@@ -251,23 +250,19 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
     Tensor names, order and layout are the VLM's own; non-LM tensors (vision tower, projector)
     are copied byte for byte in their own dtype; LM tensors are written in `dtype` (default:
     the recipe's, else the VLM's). Config, processor, tokenizer, chat template and generation
-    config come from the VLM; `evomerge_recipe.yaml` records the recipe.
+    config come from the VLM; `recipe.yaml` records the recipe.
     """
     import yaml
 
-    from evomerge_core.merge.engine import check_out_dir, check_shard_size, parse_dtype
-    from evomerge_core.merge.outdir import (check_not_a_source, make_temp_dir, remove_stale_temp_dirs, signals_deferred,
-                                            umask_permissions)
-    from evomerge_core.merge.provenance import write_source_record
+    from evomerge_core.merge.engine import check_shard_size, parse_dtype
 
     out_dir = Path(out_dir)
     check_shard_size(shard_size)
-    check_out_dir(out_dir, overwrite)
     paths = {ref: Path(p) for ref, p in sources.items()}
     missing = [m for m in recipe.model_names() if m not in paths]
     if missing:
         raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
-    check_not_a_source(out_dir, {m: paths[m] for m in set(recipe.model_names()) | {vlm}})
+    check_target(out_dir, overwrite=overwrite, sources={m: paths[m] for m in set(recipe.model_names()) | {vlm}})
     info = validate_vlm_sources({m: paths[m] for m in set(recipe.model_names()) | {vlm}}, vlm=vlm)
     ckpt = info.checkpoint
     readers = {ref: LazyModelReader(paths[ref]) for ref in set(recipe.model_names()) | {vlm}}
@@ -280,11 +275,8 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
         PlannedTensor(n, lm_dtype if n in to_canonical and info_.dtype.is_floating_point else info_.dtype, info_.shape)
         for n, info_ in vlm_reader.tensors.items()
     ]
-    remove_stale_temp_dirs(out_dir)
-    tmp = make_temp_dir(out_dir)
-    writer = ShardedWriter(tmp, planned, shard_size)
-    try:
-        umask_permissions(tmp)
+    with ModelDirWriter(out_dir) as out:
+        writer = out.shards(planned, shard_size)
         for item in planned:
             canonical = to_canonical.get(item.name)
             if canonical is None or not item.dtype.is_floating_point:
@@ -294,20 +286,12 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
                        for ref, r in readers.items()}
             merged = _merge(recipe, canonical, tensors, info.num_layers, vlm)
             writer.write(item.name, merged.to(item.dtype))
-        writer.close()
         config = dict(ckpt.config)
-        if named:
-            config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(lm_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copy_files(paths[vlm], tmp, [f for f in AUX_FILES if f != "config.json"])
-        (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
-        write_source_record(tmp, {m: paths[m] for m in recipe.model_names()})
-        with signals_deferred():
-            replace_dir(tmp, out_dir)
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.write_config(set_config_dtype(config, lm_dtype) if named else config)
+        out.copy_files(paths[vlm], [f for f in AUX_FILES if f != "config.json"])
+        out.write_recipe(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
+        out.write_sources({m: paths[m] for m in recipe.model_names()})
+        out.commit()
     return out_dir
 
 

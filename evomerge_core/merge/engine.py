@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -23,14 +21,12 @@ from tqdm import tqdm
 
 from evomerge_core.sources.architectures import is_vocab_tensor, layer_index
 from evomerge_core.errors import MergeError
-from evomerge_core.io.model_files import TOKENIZER_FILES, PlannedTensor, copy_files, replace_dir
+from evomerge_core.io.model_dir import ModelDirWriter, check_target, set_config_dtype
+from evomerge_core.io.model_files import TOKENIZER_FILES, PlannedTensor
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
 from evomerge_core.merge.kernels import cpu_parallelism, release_workspace
 from evomerge_core.merge.moe import check_expert_merge
-from evomerge_core.merge.outdir import (check_not_a_source, make_temp_dir, remove_stale_temp_dirs, signals_deferred,
-                                        umask_permissions)
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params, unmatched_filters
-from evomerge_core.merge.provenance import write_source_record
 from evomerge_core.merge.recipe import MergeRecipe
 from evomerge_core.merge.sparsify import tensor_seed
 from evomerge_core.sources.resolve import validate_sources
@@ -167,21 +163,6 @@ def check_shard_size(shard_size: int) -> int:
     return shard_size
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty OUT_DIR unless `overwrite` (nothing is touched)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MergeError(f"output path {out_dir} exists and is not a directory; choose another path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise MergeError(f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another directory")
-    ancestor = out_dir.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        what = "is not a directory" if not ancestor.is_dir() else "is not writable"
-        raise MergeError(f"cannot create output directory {out_dir}: {ancestor} {what}; choose another path")
-
-
 def _out_dtype(recipe: MergeRecipe, dtype: str | None, source_dtype: torch.dtype) -> torch.dtype:
     for name in (dtype, recipe.out_dtype, recipe.dtype):
         if name:
@@ -219,8 +200,7 @@ def merge_to_dir(
     missing = [m for m in needed if m not in sources]
     if missing:
         raise MergeError(f"model {missing[0]!r} of the recipe was not resolved to a directory")
-    check_not_a_source(out_dir, {m: Path(sources[m]) for m in needed})
-    check_out_dir(out_dir, overwrite)
+    check_target(out_dir, overwrite=overwrite, sources={m: Path(sources[m]) for m in needed})
     tok_ref = tokenizer_ref(recipe, plan)
     info = validate_sources({m: Path(sources[m]) for m in needed}, base=plan.reference)
     check_filters(recipe, list(info.tensor_shapes))
@@ -234,31 +214,21 @@ def merge_to_dir(
         PlannedTensor(n, out_dtype if info.tensor_dtypes[n].is_floating_point else info.tensor_dtypes[n], shape)  # type: ignore[union-attr]
         for n, shape in info.tensor_shapes.items()
     ]
-    remove_stale_temp_dirs(out_dir)
-    tmp = make_temp_dir(out_dir)
-    try:
-        umask_permissions(tmp)
-        models = {m: MappedModel(Path(sources[m])) for m in needed}
-        writer = DirectShardedWriter(tmp, planned, shard_size)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     on_cpu = torch.device(device).type == "cpu"
-    try:
-        with cpu_parallelism(None if on_cpu else 1):
-            _stream(plan, planned, info, models, writer, device, on_cpu, progress)
-        writer.close()
-        _write_aux(recipe, plan, sources, tmp, out_dtype)
-        with signals_deferred():
-            replace_dir(tmp, out_dir)
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        for src in models.values():
-            src.close()
-        release_workspace()
+    models: dict[str, MappedModel] = {}
+    with ModelDirWriter(out_dir) as out:
+        try:
+            for m in needed:
+                models[m] = MappedModel(Path(sources[m]))
+            writer = out.shards(planned, shard_size, DirectShardedWriter)
+            with cpu_parallelism(None if on_cpu else 1):
+                _stream(plan, planned, info, models, writer, device, on_cpu, progress)
+            _write_aux(recipe, plan, sources, out, out_dtype)
+            out.commit()
+        finally:
+            for src in models.values():
+                src.close()
+            release_workspace()
     return out_dir
 
 
@@ -338,16 +308,13 @@ def _vocab_notes(info) -> list[str]:
             "and other models' extra rows are dropped (docs/merging.md, vocabulary rule)"]
 
 
-def _write_aux(recipe: MergeRecipe, plan: MergePlan, sources: Mapping[str, Path], tmp: Path, out_dtype: torch.dtype) -> None:
+def _write_aux(recipe: MergeRecipe, plan: MergePlan, sources: Mapping[str, Path], out: ModelDirWriter, out_dtype: torch.dtype) -> None:
     ref_dir = Path(sources[plan.reference])
-    config = json.loads((ref_dir / "config.json").read_text())
-    dtype_name = str(out_dtype).removeprefix("torch.")
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    copy_files(ref_dir, tmp, ["generation_config.json"])
-    copy_files(Path(sources[tokenizer_ref(recipe, plan)]), tmp, TOKENIZER_FILES)
-    (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
-    write_source_record(tmp, {m: Path(p) for m, p in sources.items() if m in recipe.model_names()})
+    out.write_config(set_config_dtype(json.loads((ref_dir / "config.json").read_text()), out_dtype))
+    out.copy_files(ref_dir, ["generation_config.json"])
+    out.copy_files(Path(sources[tokenizer_ref(recipe, plan)]), TOKENIZER_FILES)
+    out.write_recipe(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    out.write_sources({m: Path(p) for m, p in sources.items() if m in recipe.model_names()})
 
 
 class _NoBar:

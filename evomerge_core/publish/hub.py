@@ -30,14 +30,15 @@ from typing import Any
 import yaml
 
 from evomerge_core.errors import EvomergeError, SourceError, UsageError
-from evomerge_core.io.model_files import AUX_FILES, SAFETENSORS_INDEX, read_config, weight_files
-from evomerge_core.merge.provenance import SOURCES_FILE
+from evomerge_core.io.model_dir import RECIPE_FILE, ModelDirWriter, find_recipe
+from evomerge_core.io.model_files import AUX_FILES, SAFETENSORS_INDEX, LazyModelReader, PlannedTensor, read_config, weight_files
+from evomerge_core.io.provenance import SOURCES_FILE, read_source_record
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 PUBLISHED = "published.json"
-RECIPE = "recipe.yaml"
-MERGE_RECIPE = "evomerge_recipe.yaml"
+RECIPE = RECIPE_FILE  # THE recipe (io.model_dir); older names are read too (find_recipe)
 MERGEKIT = "mergekit.yaml"
+LINEAGE = "lineage.yaml"
 RUN_CONFIG = "evomerge_config.yaml"
 FITNESS_PLOT = "fitness.png"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -164,9 +165,8 @@ def load_run(store, workdir: Path) -> RunRecord:
 
 
 def _recipe_of(model_dir: Path, run: RunRecord | None) -> dict[str, Any]:
-    # `evomerge evolve` writes recipe.yaml, `evomerge merge` evomerge_recipe.yaml
-    path = next((model_dir / n for n in (RECIPE, MERGE_RECIPE) if (model_dir / n).is_file()), model_dir / RECIPE)
-    if path.is_file():
+    path = find_recipe(model_dir)  # recipe.yaml, or evomerge_recipe.yaml / evomerge_dfs_recipe.yaml (older writers)
+    if path is not None:
         data = yaml.safe_load(path.read_text())
         if isinstance(data, dict):
             return data.get("recipe", data) if set(data) == {"recipe"} else data
@@ -267,8 +267,6 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
     config = check_model_dir(model_dir)
     recipe = _recipe_of(model_dir, run)
     mergekit_yaml = _mergekit_of(model_dir, recipe)
-    from evomerge_core.merge.provenance import read_source_record
-
     sources, base = _sources(recipe, run, source_paths, read_source_record(model_dir))
     names = public_names(sources)  # no local path reaches the card or the pushed recipe
     recipe, mergekit_yaml = scrub_refs(recipe, names), scrub_yaml_text(mergekit_yaml, names)
@@ -279,7 +277,7 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
         mergekit_yaml=mergekit_yaml, result=run.result if run else None, run_config=run.config if run else None,
         fitness_plot=bool(run and run.fitness_plot),
         contamination=describe_contamination(run.config) if run else [],
-        evolved=run is not None or (model_dir / RECIPE).is_file(),  # evolve's best/ holds recipe.yaml
+        evolved=run is not None or _is_evolved_best(model_dir),
     )
     card = build_model_card(inputs)
     extra = {}
@@ -287,6 +285,12 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
         extra[RUN_CONFIG] = "# evomerge run config of this model: `evomerge evolve evomerge_config.yaml`\n" + \
             yaml.safe_dump(run.config, sort_keys=False, allow_unicode=True)
     return Publication(repo_id, model_dir, str(card), recipe, mergekit_yaml, run, extra)
+
+
+def _is_evolved_best(model_dir: Path) -> bool:
+    """Whether a model directory is an evolve run's `best/`: only that writes `mergekit.yaml`
+    (PS, VLM) or `lineage.yaml` (DFS) beside the recipe (`evomerge merge` writes the recipe alone)."""
+    return (model_dir / MERGEKIT).is_file() or (model_dir / LINEAGE).is_file()
 
 
 # ------------------------------------------------------------------------------ staging
@@ -299,29 +303,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _stage_weights(model_dir: Path, out: Path, shard_size: int) -> list[str]:
+def _stage_weights(model_dir: Path, out: ModelDirWriter, shard_size: int) -> list[str]:
     """Hard-link (or copy) the weights, or reshard them when a file exceeds ``shard_size``."""
-    from evomerge_core.io.model_files import LazyModelReader, PlannedTensor, ShardedWriter
-
     files = weight_files(model_dir)
     if all(f.stat().st_size <= shard_size for f in files):
         names = [f.name for f in files]
         for f in files:
-            _link_or_copy(f, out / f.name)
+            _link_or_copy(f, out.path / f.name)
         if (model_dir / SAFETENSORS_INDEX).is_file():
-            _link_or_copy(model_dir / SAFETENSORS_INDEX, out / SAFETENSORS_INDEX)
+            _link_or_copy(model_dir / SAFETENSORS_INDEX, out.path / SAFETENSORS_INDEX)
             names.append(SAFETENSORS_INDEX)
         return names
     reader = LazyModelReader(model_dir)
     plan = [PlannedTensor(n, reader.tensors[n].dtype, reader.tensors[n].shape) for n in reader.names()]
-    writer = ShardedWriter(out, plan, shard_size)
-    try:
-        for name in list(writer.expected_names()):
-            writer.write(name, reader.get(name))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    writer = out.shards(plan, shard_size)  # finished by out.commit(), aborted by the writer on error
+    for name in list(writer.expected_names()):
+        writer.write(name, reader.get(name))
     return writer.files + ([SAFETENSORS_INDEX] if len(writer.files) > 1 else [])
 
 
@@ -333,21 +330,15 @@ def stage_folder(pub: Publication, out_dir: str | Path, *, shard_size: int = DEF
         raise UsageError(f"{out_dir} exists and is not an empty directory; choose a new folder for the staged upload")
     if shard_size < 1:
         raise UsageError(f"shard size must be positive, not {shard_size}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        from evomerge_core.merge.outdir import umask_permissions
-
-        umask_permissions(tmp)  # mkdtemp makes 0700
-        _stage_weights(pub.model_dir, tmp, shard_size)
-        for name in (*AUX_FILES, SOURCES_FILE):  # config, generation config, tokenizer and processor files;
-            if (pub.model_dir / name).is_file():  # the sources' Hub commits (no local paths)
-                shutil.copy2(pub.model_dir / name, tmp / name)
-        for extra in ("*.tiktoken", "tokenizer*"):
+    with ModelDirWriter(out_dir) as out:
+        tmp = out.path
+        _stage_weights(pub.model_dir, out, shard_size)
+        out.copy_files(pub.model_dir, (*AUX_FILES, SOURCES_FILE))  # config, generation config, tokenizer and
+        for extra in ("*.tiktoken", "tokenizer*"):                 # processor files; the sources' Hub commits
             for f in pub.model_dir.glob(extra):
                 if f.is_file() and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
-        (tmp / RECIPE).write_text(yaml.safe_dump(pub.recipe, sort_keys=False, allow_unicode=True))
+        out.write_recipe(yaml.safe_dump(pub.recipe, sort_keys=False, allow_unicode=True))
         if pub.mergekit_yaml:
             (tmp / MERGEKIT).write_text(pub.mergekit_yaml)
         for name, text in pub.extra.items():
@@ -355,11 +346,7 @@ def stage_folder(pub: Publication, out_dir: str | Path, *, shard_size: int = DEF
         if pub.run is not None and pub.run.fitness_plot is not None:
             shutil.copy2(pub.run.fitness_plot, tmp / FITNESS_PLOT)
         (tmp / "README.md").write_text(pub.card_text)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.commit()
     return out_dir
 
 

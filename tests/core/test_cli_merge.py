@@ -65,7 +65,8 @@ def test_output_loads_and_generates(family, tmp_path, capsys):
     gen = model.generate(**ids, min_new_tokens=4, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == ids.input_ids.shape[1] + 4
     assert isinstance(tok.decode(gen[0]), str)
-    assert (out / "generation_config.json").is_file() and (out / "evomerge_recipe.yaml").is_file()
+    assert (out / "generation_config.json").is_file() and (out / "recipe.yaml").is_file()  # THE recipe (io.model_dir)
+    assert not (out / "evomerge_recipe.yaml").exists()  # the old name is read, no longer written
     assert not _leftovers(tmp_path)
 
 

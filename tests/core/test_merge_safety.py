@@ -275,7 +275,7 @@ def test_dfs_output_has_umask_permissions(family, tmp_path):
 
 
 def test_stale_cleanup_takes_only_dead_merges_of_this_out_dir_on_this_host(tmp_path):
-    from evomerge_core.merge.outdir import remove_stale_temp_dirs, temp_prefix
+    from evomerge_core.io.model_dir import remove_stale_temp_dirs, temp_prefix
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
