@@ -107,3 +107,40 @@ def test_staged_publish_folder_has_umask_permissions(tmp_path):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755 and (out / "README.md").is_file()
     assert str(tmp_path) not in (out / "recipe.yaml").read_text()
+
+
+def test_recipe_under_its_old_names_is_still_read(tmp_path):
+    """`recipe.yaml` is THE recipe; model dirs written before it was (`evomerge_recipe.yaml` from
+    `evomerge merge`, an evolve `best/` holding both) publish as they did, evolved or not."""
+    import shutil
+
+    from evomerge_core.publish.hub import plan_publication
+
+    family = make_tiny_family(tmp_path / "models", n_finetunes=1)
+    cfg = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 0.5}},
+                                                 {"model": str(family["ft1"]), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    new = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "cfg.yaml"), str(new), "--no-progress"]) == 0
+    assert (new / "recipe.yaml").is_file() and not (new / "evomerge_recipe.yaml").exists()
+    legacy = tmp_path / "legacy-merge"
+    shutil.copytree(new, legacy)
+    (legacy / "recipe.yaml").rename(legacy / "evomerge_recipe.yaml")
+    evolved = tmp_path / "legacy-best"  # an evolve best/ of before: both names, mergekit.yaml beside them
+    shutil.copytree(legacy, evolved)
+    shutil.copy(legacy / "evomerge_recipe.yaml", evolved / "recipe.yaml")
+    (evolved / "mergekit.yaml").write_text(yaml.safe_dump(cfg))
+
+    def plan(model_dir: Path):
+        return plan_publication(model_dir, "me/merged", force_license=True, fetch_readme=lambda r, v: None)
+
+    fresh, old, best = plan(new), plan(legacy), plan(evolved)
+    assert old.recipe == fresh.recipe and best.recipe == fresh.recipe
+    assert fresh.recipe["merge_method"] == "linear" and len(fresh.recipe["models"]) == 2
+    assert "evolutionary-model-merge" not in fresh.card_text and "evolutionary-model-merge" not in old.card_text
+    assert "evolutionary-model-merge" in best.card_text
+    (legacy / "evomerge_recipe.yaml").unlink()
+    from evomerge_core.errors import SourceError
+
+    with pytest.raises(SourceError, match="has no recipe.yaml"):
+        plan(legacy)

@@ -96,3 +96,43 @@ def test_missing_weights_and_missing_shard(tmp_path):
     (tmp_path / sorted(set(index["weight_map"].values()))[-1]).unlink()
     with pytest.raises(SourceError, match="missing"):
         LazyModelReader(tmp_path)
+
+
+def test_find_recipe_prefers_recipe_yaml_and_reads_the_old_names(tmp_path):
+    from evomerge_core.io.model_dir import find_recipe
+
+    assert find_recipe(tmp_path) is None
+    (tmp_path / "evomerge_dfs_recipe.yaml").write_text("dfs: 1\n")  # the DFS export's old name
+    assert find_recipe(tmp_path) == tmp_path / "evomerge_dfs_recipe.yaml"
+    (tmp_path / "evomerge_recipe.yaml").write_text("merge: 1\n")  # `evomerge merge`'s old name
+    assert find_recipe(tmp_path) == tmp_path / "evomerge_recipe.yaml"
+    (tmp_path / "recipe.yaml").write_text("merge: 2\n")
+    assert find_recipe(tmp_path) == tmp_path / "recipe.yaml"
+
+
+def test_model_dir_writer_leaves_nothing_on_error_and_swaps_on_commit(tmp_path):
+    from evomerge_core.io.model_dir import RECIPE_FILE, ModelDirWriter
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "old.txt").write_text("old")
+    state = _state()
+    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ModelDirWriter(out_dir) as out:
+            writer = out.shards(plan, 300)
+            writer.write("a.weight", state["a.weight"])
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out_dir / "old.txt").read_text() == "old"
+    with ModelDirWriter(out_dir) as out:
+        writer = out.shards(plan, 300)
+        for name in writer.expected_names():
+            writer.write(name, state[name])
+        out.write_config({"model_type": "x"})
+        out.write_recipe("merge_method: linear\n")
+        assert out.commit() == out_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (out_dir / "old.txt").exists() and (out_dir / RECIPE_FILE).read_text() == "merge_method: linear\n"
+    assert json.loads((out_dir / "config.json").read_text()) == {"model_type": "x"}
+    reader = LazyModelReader(out_dir)
+    assert all(torch.equal(reader.get(n), t) for n, t in state.items()) and (out_dir / SAFETENSORS_INDEX).is_file()
