@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from evomerge_core.errors import ConfigError
@@ -146,8 +147,6 @@ def check_run_contamination(config: Any) -> list[ContaminationFinding]:
 
 def describe_contamination(config: dict[str, Any]) -> list[dict[str, str]]:
     """Findings for a stored (JSON) run config, as dicts; never raises for allowed runs."""
-    from types import SimpleNamespace
-
     fitness = config.get("fitness") or {}
 
     def ns(spec: dict[str, Any] | None) -> Any:

@@ -38,7 +38,7 @@ def load_items(spec: DatasetSpec, *, where: str = "fitness.dataset", required: t
                template: str | None = None) -> list[dict[str, Any]]:
     """Load a split as a list of row dicts with mapped columns; ConfigError for a missing
     column, an empty split or a dataset that cannot be read."""
-    import datasets
+    import datasets  # deferred: datasets pulls in pyarrow and pandas (seconds); only runs that load one need it
 
     local = _local_builder(spec)
     bars_were_off = datasets.is_progress_bar_enabled() is False

@@ -21,7 +21,7 @@ _OPTIONS = {"task", "metric", "filter", "include_path", "limit", "num_fewshot", 
 def require_lm_eval() -> Any:
     """Import lm_eval or raise a ConfigError naming the extra to install."""
     try:
-        import lm_eval
+        import lm_eval  # deferred: lm-eval is optional (the lmeval extra)
     except ImportError:
         raise ConfigError(
             "the lmeval scorer needs lm-evaluation-harness, which is not installed; run: pip install evomerge[lmeval]"
@@ -41,8 +41,8 @@ def _check(options: Mapping[str, Any]) -> None:
 def lmeval_score(ctx: ScoreContext) -> dict[str, float]:
     """Evaluate the candidate on one lm-eval task; fitness = the chosen metric."""
     lm_eval = require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    from lm_eval.models.huggingface import HFLM  # deferred: lm-eval is optional (the lmeval extra)
+    from lm_eval.tasks import TaskManager  # deferred: lm-eval is optional (the lmeval extra)
 
     opts = dict(ctx.options)
     task = str(opts["task"])

@@ -11,6 +11,7 @@ from typing import Any
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.registry import ScoreContext
 from evomerge_core.fitness.text import SCRIPTS, answer_number, in_script, last_number, numbers_equal
+from evomerge_core.generation.hf_loop import answer_logprobs
 
 
 def check_script_options(options: Mapping[str, Any], allowed: set[str], scorer: str) -> None:
@@ -94,8 +95,6 @@ def answer_logprob(ctx: ScoreContext) -> float:
 def _logprob_items(ctx: ScoreContext) -> list[float]:
     """Per-row mean answer log-probabilities; the answer tokens scored go to ``ctx.cache``
     (``scored_tokens``: one forward position each, the cost records count them)."""
-    from evomerge_core.generation.hf_loop import answer_logprobs
-
     template = str(ctx.options.get("answer_template", "{answer}"))
     answers = [template.format(**row) for row in ctx.rows]
     values = answer_logprobs(ctx.model, ctx.tokenizer, list(ctx.prompts), answers, batch_size=ctx.batch_size)

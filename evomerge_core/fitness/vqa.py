@@ -21,16 +21,20 @@ answers to image + question items (the paper's VLM fitness, JA-VG-VQA-500).
 
 from __future__ import annotations
 
+import io
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evomerge_core.errors import ConfigError
 from evomerge_core.fitness.registry import ScoreContext
 from evomerge_core.fitness.scorers import check_script_options
 from evomerge_core.fitness.text import in_script
+from evomerge_core.generation.hf_loop import truncate_at_stop
 
 TOKENIZATIONS = ("auto", "chars", "words")
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -132,14 +136,12 @@ def _data_dir(spec: Any) -> Path | None:
 
 
 def _open_image(value: Any, base: Path | None, where: str, index: int) -> Any:
-    from PIL import Image
+    from PIL import Image  # deferred: Pillow, optional: only VQA scoring opens images
 
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, Mapping):  # an undecoded datasets.Image value
         if value.get("bytes"):
-            import io
-
             return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
         value = value.get("path")
     if not isinstance(value, str) or not value:
@@ -203,10 +205,6 @@ def vqa_prompts(processor: Any, prompts: Sequence[str], *, chat_template: bool =
 def vqa_generate(model: Any, processor: Any, images: Sequence[Any], texts: Sequence[str], *, max_new_tokens: int,
                  stop_strings: Sequence[str] = (), batch_size: int = 8) -> list[str]:
     """Greedy answers of a VLM to (image, text) pairs, cut at stop strings and stripped."""
-    import torch
-
-    from evomerge_core.generation.hf_loop import truncate_at_stop
-
     tok = processor.tokenizer
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

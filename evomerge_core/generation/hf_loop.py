@@ -14,6 +14,7 @@ import torch
 
 from evomerge_core.generation.engine import choose_backend
 from evomerge_core.generation.model_api import cache_argument
+from evomerge_core.generation.engine import engine_generate
 
 
 def _ensure_pad(tokenizer) -> int:
@@ -84,8 +85,6 @@ def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 def _engine_outputs(model, tokenizer, prompts, encoded, caps, stops, batch_size, pad_id, eos_id, stats) -> list[str]:
     """`greedy_generate` on the generation engine (`batch_size` = its number of slots)."""
-    from evomerge_core.generation.engine import engine_generate
-
     tokens, _ = engine_generate(model, tokenizer, prompts, encoded, caps=caps, stop_strings=stops,
                                 batch_size=batch_size, pad_id=pad_id, eos_id=eos_id)
     if stats is not None:

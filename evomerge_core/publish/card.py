@@ -24,6 +24,7 @@ import yaml
 
 from evomerge_core.errors import EvomergeError
 from evomerge_core.publish.licenses import LicenseDecision, SourceLicense
+from evomerge_core.fitness.contamination import KNOWN_DISJOINT
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 TEXT_GENERATION = "text-generation"
@@ -212,7 +213,7 @@ def _dataset_label(spec: dict[str, Any]) -> str:
 
 def _heldout(inputs: CardInputs, pipeline_tag: str) -> tuple[list[dict[str, str]], list[Any]]:
     """Rows of the held-out table and the matching huggingface_hub EvalResults."""
-    from huggingface_hub import EvalResult
+    from huggingface_hub import EvalResult  # deferred: ~1 s import; only publishing needs it
 
     test = (inputs.result or {}).get("test")
     spec = ((inputs.run_config or {}).get("fitness") or {}).get("test")
@@ -270,7 +271,7 @@ def _tags(inputs: CardInputs) -> list[str]:
 
 def build_model_card(inputs: CardInputs):
     """Render the card (a huggingface_hub ``ModelCard``) and check that its metadata parses."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData  # deferred: ~1 s import; only publishing needs it
 
     tag = pipeline_tag_for(inputs.model_config)
     vlm = tag == IMAGE_TEXT_TO_TEXT
@@ -298,8 +299,6 @@ def build_model_card(inputs: CardInputs):
     )
     disjoint = []
     if inputs.run_config:
-        from evomerge_core.fitness.contamination import KNOWN_DISJOINT
-
         path = str(((inputs.run_config.get("fitness") or {}).get("dataset") or {}).get("path", ""))
         if path.lower() in KNOWN_DISJOINT:
             disjoint.append({"dataset": path, "note": KNOWN_DISJOINT[path.lower()]})
@@ -338,7 +337,7 @@ def _license_label(decision: LicenseDecision) -> str:
 def validate_card_text(text: str):
     """Parse a card with huggingface_hub's strict metadata parsing (``model-index`` included) and
     check the keys a merge card needs; returns the parsed ``ModelCard`` or raises CardError."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard  # deferred: ~1 s import; only publishing needs it
 
     try:
         card = ModelCard(text, ignore_metadata_errors=False)

@@ -17,6 +17,7 @@ This is a conservative helper, not legal advice; the card always lists each sour
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,8 +149,6 @@ def find_license(source: SourceModel, fetch_readme: ReadmeFetcher | None = None)
         else:
             tried.append("Hub README.md not readable")
     if source.path is not None and (source.path / "config.json").is_file():
-        import json
-
         try:
             config = json.loads((source.path / "config.json").read_text())
         except ValueError:

@@ -36,6 +36,8 @@ import sys
 import threading
 from typing import Any
 
+import torch
+
 from evomerge_core.errors import ConfigError
 
 ENV = "EVOMERGE_FAULT"
@@ -83,8 +85,6 @@ def _first_time(point: str) -> bool:
 
 def _poison(model: Any, value: float) -> None:
     """Fill the model's last floating-point weight (the output head of a causal LM) with `value`."""
-    import torch
-
     params = [p for p in model.parameters() if p.is_floating_point()]
     with torch.no_grad():
         params[-1].fill_(value)
@@ -97,12 +97,8 @@ def _trigger(action: str, where: str, model: Any = None) -> None:
     if action == "fail":
         raise InjectedFault(f"injected failure ({ENV}) at {where}")
     if action == "oom":
-        import torch
-
         raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB (injected by {ENV} at {where})")
     if action == "cpuoom":
-        import torch
-
         torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: the allocator refuses
         raise AssertionError("a 1 PiB allocation succeeded")  # pragma: no cover
     if action in _MODEL_ACTIONS:

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from evomerge_core.runs import faults
-from evomerge_core.config.schema import RunConfig
-from evomerge_core.errors import StorageError, UsageError
-from evomerge_core.runs.search import RESULT, open_store, stored_config
+from evomerge_core.config.schema import RunConfig, parse_run_config
+from evomerge_core.errors import ConfigError, StorageError, UsageError
+from evomerge_core.runs.layout import RESULT, open_store, stored_config
 from evomerge_core.runs.store import (
     CorruptObjectError,
     RunStore,
@@ -227,9 +227,6 @@ def check_resumable(store: RunStore, config: RunConfig) -> RunState:
 def _normalised(stored: dict[str, Any]) -> dict[str, Any]:
     """The stored config with the defaults of settings added since it was written (so a newer
     evomerge can continue an older run); as stored if it no longer validates."""
-    from evomerge_core.config.schema import parse_run_config
-    from evomerge_core.errors import ConfigError
-
     try:
         return stored_config(parse_run_config(stored))
     except ConfigError:

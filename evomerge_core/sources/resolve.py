@@ -13,12 +13,19 @@ to safetensors (`torch.load(weights_only=True)`, shard by shard) next to the sna
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
+
+import fsspec
+import torch
+from safetensors.torch import save_file
 
 from evomerge_core.sources import architectures as arch
 from evomerge_core.sources.vlm_families import family_of
@@ -70,7 +77,7 @@ def resolve_source(ref: str, *, allow_pickle: bool = False, cache_dir: Path | No
 
 
 def _fetch_hub(ref: str, cache_dir: Path | None, token: str | None, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: ~1 s import; only Hub sources need it
 
     repo_id, revision = parse_hub_ref(ref)
     patterns = WEIGHT_PATTERNS + AUX_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
@@ -89,10 +96,6 @@ def _fetch_hub(ref: str, cache_dir: Path | None, token: str | None, allow_pickle
 
 
 def _fetch_fsspec(url: str, cache_dir: Path, allow_pickle: bool) -> Path:
-    import fnmatch
-
-    import fsspec
-
     target = cache_dir / ("fsspec-" + hashlib.sha256(url.encode()).hexdigest()[:16])
     try:
         fs, root = fsspec.core.url_to_fs(url)
@@ -112,8 +115,6 @@ def _fetch_fsspec(url: str, cache_dir: Path, allow_pickle: bool) -> Path:
     except Exception as exc:
         raise SourceError(f"cannot download {url} ({type(exc).__name__}: {exc}); check the URL and credentials") from None
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     tmp.rename(target)
     return target
@@ -134,12 +135,6 @@ def _ensure_safetensors(ref: str, path: Path, allow_pickle: bool, cache_dir: Pat
 
 def convert_pickle_dir(src: Path, dst: Path) -> Path:
     """Convert a directory with `.bin` weights to safetensors (one shard at a time)."""
-    import json
-    import shutil
-
-    import torch
-    from safetensors.torch import save_file
-
     if (dst / ".complete").exists():
         return dst
     dst.mkdir(parents=True, exist_ok=True)

@@ -20,20 +20,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
+import sys
 import tempfile
 import time
 import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge_core.errors import UsageError
+from evomerge_core.fitness.vqa import item_score, vqa_generate, vqa_prompts
+from evomerge_core.kinds import vlm as vlm_core
+from evomerge_core.merge.recipe import MergeRecipe, ModelEntry
+
+from .evaluate import quiet_progress
 from .tasks import fullwidth
-from .train import optimise
+from .train import deterministic_torch, optimise
+from .zoo import build_zoo, default_cache_dir, publish_build, read_rows
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 32
@@ -51,7 +61,7 @@ def make_tiny_llava(lm_dir: Path | str, out_dir: Path | str, *, seed: int = 0, v
     """Write a tiny LLaVA (or LLaVA-NeXT) whose language model is the saved causal LM in
     `lm_dir` (weights copied), with a seeded tiny CLIP vision tower and projector, and its
     processor. Returns `out_dir`."""
-    from transformers import (
+    from transformers import (  # deferred: 1.5 s import; only the VLM toy world needs it
         AutoModelForCausalLM,
         AutoTokenizer,
         CLIPVisionConfig,
@@ -96,9 +106,7 @@ def make_tiny_llava(lm_dir: Path | str, out_dir: Path | str, *, seed: int = 0, v
 
 def make_processor(tokenizer: Any, *, next_variant: bool = False) -> Any:
     """A LlavaProcessor (or LlavaNextProcessor) for 32x32 images around `tokenizer`."""
-    import warnings
-
-    from transformers import CLIPImageProcessor, LlavaNextProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaNextProcessor, LlavaProcessor  # deferred: 1.5 s import; only the VLM toy world needs it
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -128,8 +136,7 @@ class Scene:
 
 def draw_scene(scene: Scene) -> Any:
     """The 32x32 RGB PIL image of a scene (seeded positions; 6x6 squares on a 4x4 grid)."""
-    import numpy as np
-    from PIL import Image
+    from PIL import Image  # deferred: Pillow is optional, only VLM worlds draw images
 
     rng = random.Random(f"scene-{scene.seed}")
     cells = rng.sample(range(16), scene.count)
@@ -226,8 +233,6 @@ VLM_RECIPES: dict[str, VLMRecipe] = {
 
 def _encode_rows(processor: Any, rows: list[Row], images: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     """Token ids (prompt + answer + newline) and answer-only labels per row."""
-    from evomerge_core.fitness.vqa import vqa_prompts
-
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     n_image = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -263,8 +268,6 @@ def train_vlm(model: Any, processor: Any, pools: dict[tuple[str, str], list[Row]
               recipe: VLMRecipe, on_step: Any = None) -> float:
     """Train the whole VLM in place on the recipe's mixture of (lang, kind) pools; returns
     the mean loss of the last 10% of steps."""
-    import math
-
     encoded = {key: _encode_rows(processor, rows, images) for key, rows in pools.items()}
     keys = [(lang, kind) for lang, kind, _ in recipe.mixture]
     weights = [w for _, _, w in recipe.mixture]
@@ -326,11 +329,7 @@ def make_trained_vlm(lm_dir: Path, out_dir: Path, tasks_dir: Path, train_rows: d
     """Write the tiny LLaVA around the LM in `lm_dir` to `out_dir` and train it on the recipe's
     mixture of `train_rows` (images under `tasks_dir`); returns the final loss. Deterministic:
     the same inputs give the same bytes (fixed threads, deterministic kernels, seeded)."""
-    from PIL import Image
-
-    from evomerge_core.kinds import vlm as vlm_core
-    from .evaluate import quiet_progress
-    from .train import deterministic_torch
+    from PIL import Image  # deferred: Pillow is optional, only VLM worlds draw images
 
     with deterministic_torch(recipe.threads), quiet_progress():
         vlm_dir = make_tiny_llava(lm_dir, out_dir, seed=recipe.seed, vision_hidden=recipe.vision_hidden)
@@ -349,10 +348,6 @@ def build_vlm_zoo(*, llm_size: str = "demo", cache_dir: Path | None = None, reci
                   progress: bool = True) -> VLMZoo:
     """The VLM zoo (built once, then reused from the cache): the tiny LLaVA trained from the
     LLM zoo's `base` on EN questions (and a few JA ones), the JA expert `lang`, and VQA files."""
-    import sys
-
-    from .zoo import build_zoo, default_cache_dir, publish_build
-
     if recipe is None:
         if llm_size not in VLM_RECIPES:
             raise UsageError(f"no VLM toy world for size {llm_size!r}; choose one of {', '.join(VLM_RECIPES)}")
@@ -433,8 +428,6 @@ def vlm_search_config(zoo: VLMZoo, *, seed: int, evaluations: int, storage: str,
 def vlm_baseline_recipes(zoo: VLMZoo) -> dict[str, Any]:
     """The unoptimised merges of the toy pair (task vectors against `base`): TIES with the
     usual density 0.5 / weight 1, as a user would try before searching."""
-    from ..merge.recipe import MergeRecipe, ModelEntry
-
     base = str(zoo.models["base"])
     entries = [ModelEntry(model=str(zoo.models[m]), parameters={"density": 0.5, "weight": 1.0}) for m in ("vlm", "lang")]
     return {"TIES (d=0.5, w=1)": MergeRecipe(merge_method="ties", base_model=base, models=entries)}
@@ -442,11 +435,7 @@ def vlm_baseline_recipes(zoo: VLMZoo) -> dict[str, Any]:
 
 def score_vlm_dir(model_dir: Path | str, zoo: VLMZoo, *, split: str = "test") -> dict[str, float]:
     """Mean ROUGE-L (script-checked for JA) of a saved VLM on the zoo's EN and JA `split`."""
-    from PIL import Image
-
-    from evomerge_core.kinds import vlm as vlm_core
-    from ..fitness.vqa import item_score, vqa_generate, vqa_prompts
-    from .zoo import read_rows
+    from PIL import Image  # deferred: Pillow is optional, only VLM worlds draw images
 
     model, processor = vlm_core.load_vlm_model(model_dir), vlm_core.load_processor(model_dir)
     scores = {}

@@ -60,6 +60,11 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, k
             name = name.rpartition(".")[0]
         if name and name != module:
             found.append(name)
+            # importing `a.b.c` first runs the `__init__` of each package above it that the
+            # importing module is not itself inside (those are initialised before it runs)
+            parts = name.split(".")
+            found.extend(p for p in (".".join(parts[:i]) for i in range(1, len(parts)))
+                         if p in known and not (module == p or module.startswith(p + ".")))
     return found
 
 
@@ -93,10 +98,9 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
 def import_graph(root: Path, package: str = CORE) -> dict[str, set[str]]:
     """Module -> the core modules it imports, anywhere in the file (TYPE_CHECKING blocks aside).
 
-    Importing `a.b.c` also runs `a/__init__` and `a/b/__init__`; those edges are not added: a
-    package `__init__` that re-exports its modules would otherwise close a cycle with every module
-    that imports a sibling through the package, which Python handles (the parent is initialised
-    first) and which is not a cycle of dependencies between the modules themselves.
+    Importing `a.b.c` also runs `a/__init__` and `a/b/__init__`: an edge to each package that
+    the importing module is not inside (a module's own parent packages are initialised before it
+    runs, so `a/b/__init__` re-exporting `a.b.c`, which imports `a.b.d`, is no cycle).
     """
     modules = _modules(root, package)
     known = set(modules)
@@ -232,13 +236,29 @@ def test_the_cycle_check_sees_relative_function_local_and_package_imports(tmp_pa
         "pkg/e.py": "from pkg.a import something\n",
     })
     graph = import_graph(tmp_path, "pkg")
-    assert graph["pkg.a"] == {"pkg.sub.b"}
+    assert graph["pkg.a"] == {"pkg.sub.b", "pkg.sub"}  # pkg.sub's init runs on the way
     assert graph["pkg.sub.b"] == {"pkg.c"}
     assert graph["pkg.d"] == set()  # TYPE_CHECKING-only
     assert graph["pkg.e"] == {"pkg.a"}
     assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
     del graph["pkg.c"]
     assert find_cycles(graph) == []
+
+
+def test_the_cycle_check_sees_package_inits_run_on_the_way(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/gen/__init__.py": "from pkg.gen.loop import run\n",
+        "pkg/gen/loop.py": "from pkg.gen.engine import step\n",
+        "pkg/gen/engine.py": "",
+        "pkg/user.py": "from pkg.gen.engine import step\n",
+    })
+    graph = import_graph(tmp_path, "pkg")
+    assert graph["pkg.gen.loop"] == {"pkg.gen.engine"}  # its own package's init ran before it
+    assert graph["pkg.user"] == {"pkg.gen.engine", "pkg.gen"}
+    assert find_cycles(graph) == []
+    (tmp_path / "pkg/gen/engine.py").write_text("import pkg.user\n")  # engine <- pkg.gen init <- user
+    assert find_cycles(import_graph(tmp_path, "pkg")) == [["pkg.gen", "pkg.gen.loop", "pkg.gen.engine", "pkg.user", "pkg.gen"]]
 
 
 @pytest.mark.parametrize("source, expected", [

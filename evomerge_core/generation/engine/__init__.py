@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from evomerge_core.generation.engine.masks import SUPPORTED_ATTENTION
 from evomerge_core.generation.engine.runner import GenerationEngine
 
 BACKENDS = ("auto", "engine", "hf")
@@ -78,10 +80,6 @@ def choose_backend(name: str | None, model: Any) -> str:
 def unsupported_reason(model: Any) -> str | None:
     """Why the engine cannot drive `model` (None when it can): it needs a transformers causal LM
     whose forward takes a cache object, 4D masks and `logits_to_keep` (SDPA or eager attention)."""
-    import inspect
-
-    from evomerge_core.generation.engine.masks import SUPPORTED_ATTENTION
-
     config = getattr(model, "config", None)
     forward = getattr(model, "forward", None)
     if config is None or forward is None or not hasattr(model, "get_output_embeddings"):
