@@ -18,9 +18,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
-
-R = TypeVar("R", bound="_Record")
+from typing import Any, ClassVar, Self
 
 
 @dataclass(eq=False, kw_only=True)
@@ -38,7 +36,7 @@ class _Record(Mapping[str, Any]):
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "_keys"))
 
     @classmethod
-    def from_dict(cls: type[R], data: Mapping[str, Any]) -> R:
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """The record of a dict (as written by the run store or built by the evaluator)."""
         if isinstance(data, cls):
             return data
@@ -48,7 +46,7 @@ class _Record(Mapping[str, Any]):
         return cls(**known, extra=extra, _keys=tuple(data))
 
     @classmethod
-    def from_json(cls: type[R], text: str | bytes) -> R:
+    def from_json(cls, text: str | bytes) -> Self:
         """The record of a JSON document."""
         return cls.from_dict(json.loads(text))
 
@@ -66,7 +64,7 @@ class _Record(Mapping[str, Any]):
         """`json.dumps` of the dict form (the run store writes it with sorted keys and a checksum)."""
         return json.dumps(self.to_dict())
 
-    def replace(self: R, **changes: Any) -> R:
+    def replace(self, **changes: Any) -> Self:
         """A copy with `changes`; new keys are added at the end, as ``{**record, key: value}`` would."""
         names = set(self._names())
         order = self._order()

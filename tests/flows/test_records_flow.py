@@ -18,9 +18,8 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_parameter_schema_shows_the_run_config_fields():
     """The Prefect UI's form for the flow is built from this schema."""
-    from prefect.utilities.callables import parameter_schema
-
     from evomerge.flows.evolve import evolve
+    from prefect.utilities.callables import parameter_schema
 
     schema = parameter_schema(evolve.fn).model_dump()
     assert schema["properties"]["config"]["$ref"].endswith("/RunConfig")
@@ -64,9 +63,8 @@ def test_dict_and_typed_config_are_the_same_run(tiny_family, tiny_dataset, tmp_p
 def test_typed_run_records_round_trip_the_stored_json(tiny_family, tiny_dataset, tmp_path):
     """A run started with a RunConfig: every stored candidate, summary and result.json reads into
     its record and writes back byte for byte; the flow's records are the evaluator's dicts."""
-    from prefect import get_client
-
     from evomerge.flows.evolve import evolve
+    from prefect import get_client
 
     cfg = parse_run_config(make_config(tiny_family, tiny_dataset, tmp_path, "typed",
                                        fitness__validation={"path": str(tiny_dataset["test"]),
