@@ -54,8 +54,9 @@ def run(candidates: int, threads: int, accuracy: bool) -> dict[str, Any]:
     import torch
 
     from evomerge_core.config.schema import parse_run_config
-    from evomerge_core.kinds.evaluate import clear_evaluators, get_evaluator
-    from evomerge_core.runs.search import resolve_run_sources
+    from evomerge_core.kinds.cache import clear_model_cache
+    from evomerge_core.kinds.evaluate import get_evaluator
+    from evomerge_core.kinds import run_kind
     from evomerge_core.toyworld.demo import search_config
     from evomerge_core.toyworld.zoo import build_zoo
 
@@ -66,8 +67,8 @@ def run(candidates: int, threads: int, accuracy: bool) -> dict[str, Any]:
         cfg["fitness"] = {**cfg["fitness"], "test": None, "accuracy_scorer": "auto" if accuracy else "none"}
         cfg["runtime"] = {**cfg["runtime"], "torch_threads": threads}
         config = parse_run_config(cfg)
-        paths = resolve_run_sources(config)["paths"]
-        clear_evaluators()
+        paths = run_kind(config).resolve_sources(config)["paths"]
+        clear_model_cache()
         t = time.perf_counter()
         ev = get_evaluator(config, paths)
         load = time.perf_counter() - t
@@ -90,7 +91,7 @@ def run(candidates: int, threads: int, accuracy: bool) -> dict[str, Any]:
                 continue  # warm-up (first forward passes, allocator)
             pieces = {k: times.get(k, 0.0) for k in ("merge", "score", "generate")}
             rows.append({**pieces, "overhead": wall - sum(pieces.values()), "total": wall, "fitness": record["fitness"]})
-        clear_evaluators()
+        clear_model_cache()
     mean = {k: statistics.mean(r[k] for r in rows) for k in ("merge", "score", "generate", "overhead", "total")}
     return {"candidates": candidates, "threads": threads, "accuracy_scorer": accuracy, "load_seconds": load, "mean": mean,
             "merge_plus_overhead_share": (mean["merge"] + mean["overhead"]) / mean["total"], "rows": rows}

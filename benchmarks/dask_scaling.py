@@ -55,11 +55,12 @@ def search_config(storage: str, run_key: str, popsize: int, generations: int, wo
 def timed_candidate(config: dict[str, Any], paths: dict[str, str], genome: list[float], reread: bool) -> dict[str, float]:
     """One candidate on a worker, piece by piece (see module docstring)."""
     from evomerge_core.config.schema import RunConfig
-    from evomerge_core.kinds.evaluate import clear_evaluators, get_evaluator
+    from evomerge_core.kinds.cache import clear_model_cache
+    from evomerge_core.kinds.evaluate import get_evaluator
 
     t0 = time.perf_counter()
     if reread:
-        clear_evaluators()
+        clear_model_cache()
     ev = get_evaluator(RunConfig.model_validate(config), paths)
     t1 = time.perf_counter()
     recipe = ev.space.decode(genome)
@@ -81,11 +82,11 @@ def breakdown(workers: int, reread: bool, popsize: int, rounds: int) -> dict[str
     from distributed import Client, LocalCluster
 
     from evomerge_core.config.schema import parse_run_config
-    from evomerge_core.runs.search import resolve_run_sources
+    from evomerge_core.kinds import run_kind
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_run_config(search_config(f"file://{tmp}", "bench", popsize, rounds, workers))
-        paths = resolve_run_sources(cfg)["paths"]
+        paths = run_kind(cfg).resolve_sources(cfg)["paths"]
         rng = np.random.default_rng(0)
         config = cfg.model_dump(mode="json")
         env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from evomerge_core.runs import search as evolution
 from evomerge_core.runs import resume
 from evomerge_core.config.schema import RunConfig
+from evomerge_core.kinds import run_kind
 from evomerge_core.kinds.evaluate import get_evaluator
 from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
 from evomerge_core.runs.report import write_report
@@ -27,7 +28,8 @@ def _config(config: RunConfig | dict[str, Any]) -> RunConfig:
 def resolve_sources(config: RunConfig) -> dict[str, Any]:
     """Resolve and validate the sources: ``{paths, num_layers, architecture, revisions}``
     (`revisions` key the candidate cache)."""
-    sources = evolution.resolve_run_sources(_config(config))
+    cfg = _config(config)
+    sources = run_kind(cfg).resolve_sources(cfg)
     return {**sources, "revisions": resume.source_revisions(sources["paths"])}
 
 
@@ -147,7 +149,7 @@ def evaluate_validation(config: RunConfig, paths: dict[str, str], genome: list[f
 def materialise_best(config: RunConfig, paths: dict[str, str], num_layers: int, genome: list[float]) -> str:
     """Merge the best genome to `best/` (model dir + recipe.yaml + mergekit.yaml); returns its URL."""
     cfg = _config(config)
-    return evolution.materialise(cfg, paths, num_layers, genome, evolution.open_store(cfg))
+    return run_kind(cfg).materialise_best(cfg, paths, num_layers, genome, evolution.open_store(cfg))
 
 
 @task(name="write_result", cache_policy=NO_CACHE)

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from evomerge_core.errors import SourceError
+from evomerge_core.io.model_files import read_config
+from evomerge_core.kinds.cache import cached_model
 from evomerge_core.sources.decoder_families import check_pair
 from evomerge_core.spaces.dfs import DFSRecipe
 
@@ -92,9 +93,7 @@ class DataflowModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_a: str | Path, path_b: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DataflowModel:
         """Load A and B from local model dirs (B's embeddings and head are not kept)."""
-        from transformers import AutoModelForCausalLM
-
-        from evomerge_core.io.model_files import read_config
+        from transformers import AutoModelForCausalLM  # deferred: transformers is heavy
 
         check_pair(read_config(Path(path_a)), read_config(Path(path_b)), name_a=str(path_a), name_b=str(path_b))
         model_a = AutoModelForCausalLM.from_pretrained(path_a, dtype=dtype)
@@ -138,9 +137,12 @@ class DataflowModel(nn.Module):
         **kwargs: Any,
     ):
         """Run the path; same arguments and output type as `LlamaForCausalLM.forward`."""
-        from transformers.cache_utils import DynamicCache
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.cache_utils import DynamicCache  # deferred: transformers is heavy
+        from transformers.masking_utils import (  # deferred: transformers is heavy
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+        from transformers.modeling_outputs import CausalLMOutputWithPast  # deferred: transformers is heavy
 
         if self.recipe is None:
             raise RuntimeError("DataflowModel has no path yet; call set_recipe(recipe) first")
@@ -183,24 +185,8 @@ class DataflowModel(nn.Module):
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
 
-# One dataflow model per process (like `resident.get_resident`): a new key evicts the old one.
-_CACHE: dict[tuple[str, str, str, str], DataflowModel] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def get_dataflow_model(path_a: str | Path, path_b: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DataflowModel:
-    """The process-wide `DataflowModel` for these source dirs and settings (loaded on first use)."""
-    key = (str(Path(path_a).resolve()), str(Path(path_b).resolve()), str(dtype), str(device))
-    with _CACHE_LOCK:
-        found = _CACHE.get(key)
-        if found is None:
-            _CACHE.clear()
-            found = DataflowModel.from_pretrained(path_a, path_b, dtype=dtype, device=device)
-            _CACHE[key] = found
-        return found
-
-
-def clear_dataflow_cache() -> None:
-    """Drop the cached dataflow model (frees its memory)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    """The process-wide `DataflowModel` for these source dirs and settings (loaded on first use;
+    one model per worker, `kinds.cache`)."""
+    key = ("dfs", str(Path(path_a).resolve()), str(Path(path_b).resolve()), str(dtype), str(device))
+    return cached_model(key, lambda: DataflowModel.from_pretrained(path_a, path_b, dtype=dtype, device=device))

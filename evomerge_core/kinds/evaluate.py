@@ -15,24 +15,20 @@ model + fitness items + search space), so mapped tasks do not reload anything pe
 from __future__ import annotations
 
 import gc
-import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from evomerge_core.runs import faults
 from evomerge_core.config.schema import RunConfig
-from evomerge_core.generation.engine import generation_backend
 from evomerge_core.errors import EvomergeError
 from evomerge_core.fitness.evaluator import Fitness
-from evomerge_core.io.model_files import read_config
-from evomerge_core.sources.architectures import num_hidden_layers
-from evomerge_core.kinds.resident import get_resident
-from evomerge_core.spaces import build_space
+from evomerge_core.generation.engine import generation_backend
+from evomerge_core.kinds.base import Resident, run_kind
+from evomerge_core.kinds.cache import CACHE, EVALUATOR
+from evomerge_core.runs import faults
 
 
 class CandidateOutOfMemory(EvomergeError):
@@ -67,25 +63,6 @@ def out_of_memory_error(exc: BaseException, *, generation: int, index: int, spli
         "the same command again to resume")
 
 
-class _DataflowRunner:
-    """The DFS counterpart of `ResidentModel`: a `DataflowModel` whose path is switched per
-    candidate (no weights copied) and model A's tokenizer."""
-
-    def __init__(self, dir_a: str, dir_b: str, *, dtype: str, device: str) -> None:
-        from transformers import AutoTokenizer
-
-        from evomerge_core.kinds.dfs_model import get_dataflow_model
-        from evomerge_core.merge.engine import parse_dtype
-
-        self.model = get_dataflow_model(dir_a, dir_b, dtype=parse_dtype(dtype), device=device)
-        self.tokenizer = AutoTokenizer.from_pretrained(dir_a)
-        self.lock = self.model.lock
-
-    def apply(self, recipe: Any) -> None:
-        """Switch to `recipe`'s path (caller holds `lock`)."""
-        self.model.set_recipe(recipe)
-
-
 class CandidateEvaluator:
     """Evaluates genomes of one run on one worker (PS: merged in place into a resident model;
     DFS: run as a layer path through the cached `DataflowModel`)."""
@@ -98,30 +75,10 @@ class CandidateEvaluator:
         self._batches: dict[int, Fitness] = {}
         if config.runtime.torch_threads:
             torch.set_num_threads(config.runtime.torch_threads)
-        self.runner: Any
-        if config.space.kind == "dfs":
-            from evomerge_core.spaces.dfs import DFSSpace
-
-            dfs = config.space.dfs
-            self.space: Any = DFSSpace.from_sources(dfs, self.sources)
-            self.num_layers = self.space.layers_a
-            self.runner = _DataflowRunner(self.sources[dfs.model_a], self.sources[dfs.model_b],
-                                          dtype=config.runtime.dtype, device=config.runtime.device)
-        elif config.vlm is not None:  # PS over the VLM's language model (evomerge_core.kinds.vlm)
-            from evomerge_core.kinds.vlm import get_resident_vlm, open_vlm
-
-            self.num_layers = num_hidden_layers(open_vlm(self.sources[config.vlm]).text_config)
-            self.space = build_space(config, num_layers=self.num_layers)
-            self.runner = get_resident_vlm(self.sources, vlm=config.vlm, num_layers=self.num_layers,
-                                           dtype=config.runtime.dtype, device=config.runtime.device)
-        else:
-            reference = config.base or config.sources[0].model
-            self.num_layers = num_hidden_layers(read_config(Path(self.sources[reference])))
-            self.space = build_space(config, num_layers=self.num_layers)
-            self.runner = get_resident(
-                self.sources, reference=reference, num_layers=self.num_layers,
-                dtype=config.runtime.dtype, device=config.runtime.device,
-            )
+        kind = run_kind(config)
+        self.space: Any = kind.build_space(config, self.sources)
+        self.num_layers = kind.num_layers(config, self.sources)
+        self.runner: Resident = kind.open_model(config, self.sources)
 
     @property
     def resident(self) -> Any:
@@ -244,51 +201,21 @@ def check_logits(model: Any, tokenizer: Any, prompts: Sequence[str]) -> None:
         raise ValueError("the merged model produces NaN/inf logits")
 
 
-_EVALUATORS: dict[tuple[str, tuple[tuple[str, str], ...]], CandidateEvaluator] = {}
-_EVALUATORS_LOCK = threading.Lock()
-
-
 def get_evaluator(config: RunConfig, sources: Mapping[str, str]) -> CandidateEvaluator:
-    """The per-process evaluator of a run (built on first use, then reused)."""
+    """The per-process evaluator of a run (built on first use, then reused; `kinds.cache`)."""
     key = (config.config_hash(), tuple(sorted((k, str(v)) for k, v in sources.items())))
-    with _EVALUATORS_LOCK:
-        found = _EVALUATORS.get(key)
-        if found is None:
-            _EVALUATORS.clear()
-            found = CandidateEvaluator(config, sources)
-            _EVALUATORS[key] = found
-        return found
-
-
-def clear_evaluators() -> None:
-    """Forget cached evaluators (tests; frees the resident and dataflow models)."""
-    from evomerge_core.kinds.dfs_model import clear_dataflow_cache
-    from evomerge_core.kinds.resident import clear_resident_cache
-    from evomerge_core.kinds.vlm import clear_resident_vlm_cache
-
-    with _EVALUATORS_LOCK:
-        _EVALUATORS.clear()
-    clear_resident_cache()
-    clear_resident_vlm_cache()
-    clear_dataflow_cache()
+    return CACHE.get(EVALUATOR, key, lambda: CandidateEvaluator(config, sources))
 
 
 def preflight_run(config: RunConfig) -> None:
     """Checks that need data or local files but no model: load every fitness split the run
-    (or each of its stages) uses, and for a DFS space whose A and B are local directories
-    check that they can share a path (SourceError naming the clash). Raises before anything
-    is written."""
+    (or each of its stages) uses, and the run kind's checks of sources that are local
+    directories already (DFS: that A and B can share a path, SourceError naming the clash).
+    Raises before anything is written."""
     stages = [config.stage_config(i) for i in range(len(config.stages))] if config.stages else [config]
     for stage in stages:
         Fitness(stage.fitness, split="train")
         for split, spec in (("validation", stage.fitness.validation), ("test", stage.fitness.test)):
             if spec is not None:
                 Fitness(stage.fitness, split=split)
-        dfs = stage.space.dfs
-        if dfs is not None:
-            from evomerge_core.sources.decoder_families import check_pair
-
-            dirs = [Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser() for ref in (dfs.model_a, dfs.model_b)]
-            if all((d / "config.json").is_file() for d in dirs):
-                check_pair(read_config(dirs[0]), read_config(dirs[1]), name_a=f"space.dfs.model_a ({dfs.model_a})",
-                           name_b=f"space.dfs.model_b ({dfs.model_b})")
+        run_kind(stage).check_local(stage)

@@ -26,13 +26,13 @@ import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from evomerge_core.errors import MergeError
 from evomerge_core.generation.engine.streaming import pin_sources, stream_sources
 from evomerge_core.io.model_files import LazyModelReader
+from evomerge_core.kinds.cache import cached_model
 from evomerge_core.merge.engine import _merge_planned, parse_dtype
 from evomerge_core.merge.flat import FLAT_METHODS, FlatSources, all_finite, merge_flat
 from evomerge_core.merge.kernels import cpu_parallelism
@@ -49,7 +49,7 @@ class ResidentModel:
 
     def __init__(self, sources: Mapping[str, str | Path], *, reference: str, num_layers: int,
                  dtype: str = "float32", device: str = "cpu", tokenizer_source: str | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers is heavy
 
         if reference not in sources:
             raise MergeError(f"reference model {reference!r} is not among the sources")
@@ -181,26 +181,11 @@ def recipe_hash(recipe: MergeRecipe) -> str:
     return hashlib.sha256(json.dumps(recipe.to_yaml_dict(), sort_keys=True).encode()).hexdigest()
 
 
-# One resident model per process; a new key evicts the old one (only one fits in memory).
-_CACHE: dict[tuple[Any, ...], ResidentModel] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def get_resident(sources: Mapping[str, str | Path], *, reference: str, num_layers: int,
                  dtype: str = "float32", device: str = "cpu", tokenizer_source: str | None = None) -> ResidentModel:
-    """The process-wide resident model for these sources and settings (loaded on first use)."""
-    key = (tuple(sorted((r, str(p)) for r, p in sources.items())), reference, num_layers, dtype, device, tokenizer_source)
-    with _CACHE_LOCK:
-        found = _CACHE.get(key)
-        if found is None:
-            _CACHE.clear()
-            found = ResidentModel(sources, reference=reference, num_layers=num_layers, dtype=dtype,
-                                  device=device, tokenizer_source=tokenizer_source)
-            _CACHE[key] = found
-        return found
-
-
-def clear_resident_cache() -> None:
-    """Drop the cached resident model (frees its memory)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    """The process-wide resident model for these sources and settings (loaded on first use;
+    one model per worker, `kinds.cache`)."""
+    key = ("llm", tuple(sorted((r, str(p)) for r, p in sources.items())), reference, num_layers, dtype, device,
+           tokenizer_source)
+    return cached_model(key, lambda: ResidentModel(sources, reference=reference, num_layers=num_layers, dtype=dtype,
+                                                   device=device, tokenizer_source=tokenizer_source))

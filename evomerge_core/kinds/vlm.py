@@ -17,9 +17,8 @@ Adding a family (Qwen2-VL, Idefics, Gemma 3) is one `VLMFamily` entry plus a tes
 
 from __future__ import annotations
 
-import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,15 @@ from evomerge_core.errors import MergeError, SourceError
 from evomerge_core.sources.vlm_families import LMLayout, VLMFamily, detect_layout, family_of, require_family
 from evomerge_core.io.model_dir import ModelDirWriter, check_target, set_config_dtype
 from evomerge_core.io.model_files import AUX_FILES, LazyModelReader, PlannedTensor, read_config
+from evomerge_core.config.schema import RunConfig
+from evomerge_core.kinds.base import RUN_KINDS, publish_best
+from evomerge_core.kinds.cache import cached_model
+from evomerge_core.kinds.llm import recipe_files
+from evomerge_core.kinds.resident import recipe_hash
+from evomerge_core.merge.engine import merge_tensor, parse_dtype
+from evomerge_core.sources.resolve import resolve_run_source
+from evomerge_core.runs.store import RunStore
+from evomerge_core.spaces import PSSpace
 
 @dataclass(frozen=True)
 class VLMCheckpoint:
@@ -152,15 +160,13 @@ def load_source_state_dicts(sources: Mapping[str, Path | str], *, vlm: str) -> d
 
 
 def _merge(recipe: Any, name: str, tensors: Mapping[str, torch.Tensor], num_layers: int, vlm: str) -> torch.Tensor:
-    from evomerge_core.merge.engine import merge_tensor
-
     # The VLM is the reference: its extra vocabulary rows (image tokens) are kept.
     return merge_tensor(recipe, name, tensors, num_layers=num_layers, reference=vlm)
 
 
 def load_vlm_model(path: Path | str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """Load a VLM directory with its family's transformers class (eval mode)."""
-    import transformers
+    import transformers  # deferred: transformers is heavy, loaded only when a VLM is
 
     family = require_family(read_config(Path(path)), what=str(path))
     cls = getattr(transformers, family.model_class)
@@ -169,7 +175,7 @@ def load_vlm_model(path: Path | str, *, dtype: torch.dtype = torch.float32, devi
 
 def load_processor(path: Path | str) -> Any:
     """The VLM's processor (image processor + tokenizer + chat template), left padding."""
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor  # deferred: transformers is heavy
 
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
@@ -183,8 +189,6 @@ class ResidentVLM:
 
     def __init__(self, sources: Mapping[str, str | Path], *, vlm: str, num_layers: int,
                  dtype: str = "float32", device: str = "cpu") -> None:
-        from evomerge_core.merge.engine import parse_dtype
-
         self.sources = {ref: Path(p) for ref, p in sources.items()}
         self.vlm = vlm
         self.num_layers = num_layers
@@ -206,8 +210,6 @@ class ResidentVLM:
     @torch.no_grad()
     def apply(self, recipe: Any) -> None:
         """Merge `recipe` into the VLM's language model in place (caller holds `lock`)."""
-        from evomerge_core.kinds.resident import recipe_hash
-
         self.current = None
         for name, target in self._targets.items():
             tensors = {ref: sd[name] for ref, sd in self.state_dicts.items()}
@@ -220,27 +222,12 @@ class ResidentVLM:
         self.current = recipe_hash(recipe)
 
 
-_CACHE: dict[tuple[Any, ...], ResidentVLM] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def get_resident_vlm(sources: Mapping[str, str | Path], *, vlm: str, num_layers: int,
                      dtype: str = "float32", device: str = "cpu") -> ResidentVLM:
-    """The process-wide resident VLM for these sources (loaded on first use)."""
-    key = (tuple(sorted((r, str(p)) for r, p in sources.items())), vlm, num_layers, dtype, device)
-    with _CACHE_LOCK:
-        found = _CACHE.get(key)
-        if found is None:
-            _CACHE.clear()
-            found = ResidentVLM(sources, vlm=vlm, num_layers=num_layers, dtype=dtype, device=device)
-            _CACHE[key] = found
-        return found
-
-
-def clear_resident_vlm_cache() -> None:
-    """Drop the cached resident VLM."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    """The process-wide resident VLM for these sources (loaded on first use; one model per
+    worker, `kinds.cache`)."""
+    key = ("vlm", tuple(sorted((r, str(p)) for r, p in sources.items())), vlm, num_layers, dtype, device)
+    return cached_model(key, lambda: ResidentVLM(sources, vlm=vlm, num_layers=num_layers, dtype=dtype, device=device))
 
 
 def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Path | str, *, vlm: str,
@@ -298,29 +285,52 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
 # --------------------------------------------------------------------------- evolve runs
 
 
-def resolve_vlm_sources(config: Any) -> dict[str, Any]:
-    """Resolve a VLM run's sources and check the LLMs fit the VLM's language model:
-    ``{"paths", "num_layers", "architecture"}`` like `evolution.resolve_run_sources`."""
-    from evomerge_core.sources.resolve import resolve_run_source
+class VLMKind:
+    """PS over a VLM's language model (`RunKind`): LLMs merged into the VLM's LM in place
+    (`ResidentVLM`); the best is the whole VLM, processor kept."""
 
-    paths = {s.model: resolve_run_source(s) for s in config.sources}
-    info = validate_vlm_sources(paths, vlm=config.vlm)
-    return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
-            "architecture": arch.architecture_name(info.checkpoint.config)}
+    name = "vlm"
+
+    def resolve_sources(self, config: RunConfig) -> dict[str, Any]:
+        paths = {s.model: resolve_run_source(s) for s in config.sources}
+        info = validate_vlm_sources(paths, vlm=config.vlm)
+        return {"paths": {k: str(v) for k, v in paths.items()}, "num_layers": info.num_layers,
+                "architecture": arch.architecture_name(info.checkpoint.config)}
+
+    def num_layers(self, config: RunConfig, paths: Mapping[str, str]) -> int:
+        return arch.num_hidden_layers(open_vlm(paths[self._vlm(config)]).text_config)
+
+    def build_space(self, config: RunConfig, paths: Mapping[str, str]) -> PSSpace:
+        return PSSpace.from_config(config, num_layers=self.num_layers(config, paths))
+
+    def open_model(self, config: RunConfig, paths: Mapping[str, str]) -> ResidentVLM:
+        return get_resident_vlm(paths, vlm=self._vlm(config), num_layers=self.num_layers(config, paths),
+                                dtype=config.runtime.dtype, device=config.runtime.device)
+
+    def check_local(self, config: RunConfig) -> None:
+        return None
+
+    def check_resolved(self, config: RunConfig, paths: Mapping[str, str]) -> None:
+        return None  # `validate_vlm_sources` (resolve_sources) checked the LM map
+
+    def check_stage_source(self, path: Path, ref: str) -> None:
+        return None
+
+    def materialise_best(self, config: RunConfig, paths: Mapping[str, str], num_layers: int,
+                         genome: Sequence[float], store: RunStore) -> str:
+        """The VLM with its language model merged (`output.dtype`, else the evaluation dtype);
+        `recipe.yaml` and `mergekit.yaml` beside it."""
+        recipe = PSSpace.from_config(config, num_layers=num_layers).decode(genome)
+        return publish_best(
+            store,
+            lambda out: merge_vlm_to_dir(recipe, {k: Path(v) for k, v in paths.items()}, out, vlm=self._vlm(config),
+                                         dtype=config.output.dtype or config.runtime.dtype),
+            lambda: recipe_files(recipe))
+
+    @staticmethod
+    def _vlm(config: RunConfig) -> str:
+        assert config.vlm is not None  # `run_kind` picks this kind only for a VLM source
+        return config.vlm
 
 
-def materialise_vlm_best(config: Any, paths: Mapping[str, str], num_layers: int, genome: Any, store: Any) -> str:
-    """Write the best genome's VLM (recipe.yaml + mergekit.yaml beside it) as ``best/``."""
-    import yaml
-
-    from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
-    from evomerge_core.spaces import build_space
-
-    recipe = build_space(config, num_layers=num_layers).decode(genome)
-    with tempfile.TemporaryDirectory(prefix="evomerge-best-") as tmp:
-        out = merge_vlm_to_dir(recipe, {k: Path(v) for k, v in paths.items()}, Path(tmp) / "best", vlm=config.vlm,
-                               dtype=config.output.dtype or config.runtime.dtype)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True))
-        (out / "mergekit.yaml").write_text(to_mergekit_yaml(recipe))
-        store.put_dir(out, "best")
-    return store.url("best")
+RUN_KINDS.add("vlm", VLMKind())

@@ -283,10 +283,11 @@ def test_bfloat16_dynamic_path_matches_bfloat16_export(pair, batch, tmp_path):
 
 
 def test_get_dataflow_model_caches_per_process(pair):
-    from evomerge_core.kinds.dfs_model import clear_dataflow_cache, get_dataflow_model
+    from evomerge_core.kinds.cache import clear_model_cache
+    from evomerge_core.kinds.dfs_model import get_dataflow_model
 
     first = get_dataflow_model(*pair)
     assert get_dataflow_model(*pair) is first
-    clear_dataflow_cache()
+    clear_model_cache()
     assert get_dataflow_model(*pair) is not first
-    clear_dataflow_cache()
+    clear_model_cache()

@@ -16,7 +16,7 @@ from tiny_models import make_tiny_family  # noqa: E402
 from evomerge_core.config.schema import parse_run_config  # noqa: E402
 from evomerge_core.generation.engine import _ENGINES  # noqa: E402
 from evomerge_core.kinds.evaluate import CandidateEvaluator  # noqa: E402
-from evomerge_core.kinds.resident import clear_resident_cache  # noqa: E402
+from evomerge_core.kinds.cache import clear_model_cache  # noqa: E402
 
 
 def test_engine_and_hf_score_a_candidate_alike(tmp_path):
@@ -36,7 +36,7 @@ def test_engine_and_hf_score_a_candidate_alike(tmp_path):
                         "stop_strings": ["?", " 1"], "batch_size": 4},
             "runtime": {"generation": backend},
         })
-        clear_resident_cache()
+        clear_model_cache()
         evaluator = CandidateEvaluator(cfg, {s.model: s.model for s in cfg.sources})
         records[backend] = evaluator.evaluate([0.7, 0.4], generation=0, index=0)
         assert records[backend]["error"] is None

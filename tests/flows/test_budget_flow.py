@@ -10,7 +10,7 @@ import re
 import pytest
 
 from evomerge_core.runs import faults
-from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.kinds.cache import clear_model_cache
 from evomerge_core.runs.faults import InjectedFault
 
 pytestmark = pytest.mark.timeout(600)  # a shared 2-core box under load runs it 5-10x slower
@@ -53,7 +53,7 @@ def _strip(history):
 def reference(tiny_family, budget_data, tmp_path_factory):
     from evomerge.flows.evolve import evolve
 
-    clear_evaluators()
+    clear_model_cache()
     return evolve(_config(tiny_family, budget_data, tmp_path_factory.mktemp("ref"), "budget", BUDGET))
 
 
@@ -90,7 +90,7 @@ def test_budgeted_run_killed_mid_generation_resumes_to_the_same_history(referenc
     # evaluation is in the middle of generation 1
     monkeypatch.setenv("EVOMERGE_FAULT", "fail_after_candidates:12")
     faults.reset_counts()
-    clear_evaluators()
+    clear_model_cache()
     cfg = _config(tiny_family, budget_data, tmp_path, "budget", BUDGET)
     with pytest.raises(Exception) as failed:
         evolve(cfg)
@@ -101,7 +101,7 @@ def test_budgeted_run_killed_mid_generation_resumes_to_the_same_history(referenc
 
     monkeypatch.delenv("EVOMERGE_FAULT")
     faults.reset_counts()
-    clear_evaluators()
+    clear_model_cache()
     capsys.readouterr()
     resumed = evolve(cfg)
     out = capsys.readouterr().out
@@ -115,10 +115,10 @@ def test_budgeted_run_killed_mid_generation_resumes_to_the_same_history(referenc
 def test_length_caps_cut_generated_tokens(tiny_family, budget_data, tmp_path):
     from evomerge.flows.evolve import evolve
 
-    clear_evaluators()
+    clear_model_cache()
     free = evolve(_config(tiny_family, budget_data, tmp_path, "free", {"racing": {"slice": 8, "min_items": 8}},
                           scorer="exact_match"))
-    clear_evaluators()
+    clear_model_cache()
     capped = evolve(_config(tiny_family, budget_data, tmp_path, "capped",
                             {"racing": {"slice": 8, "min_items": 8}, "length_caps": {"margin": 1.0, "extra": 0}},
                             scorer="exact_match"))

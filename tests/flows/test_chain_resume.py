@@ -11,7 +11,7 @@ import pytest
 from test_dfs_flow import COLUMNS
 
 from evomerge_core.runs import faults
-from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.kinds.cache import clear_model_cache
 from evomerge_core.runs.faults import InjectedFault
 
 
@@ -41,13 +41,13 @@ def test_chained_run_interrupted_in_its_dfs_stage_resumes_to_the_same_result(tin
                                                                              monkeypatch, capsys):
     from evomerge.flows.evolve import evolve
 
-    clear_evaluators()
+    clear_model_cache()
     reference = evolve(_chain(tiny_family, tiny_dataset, tmp_path / "ref", "chain"))
 
     # stage 0 stores 3 evaluations; the 5th stored one is the DFS stage's 2nd (generation 1 of 2)
     monkeypatch.setenv("EVOMERGE_FAULT", "fail_after_candidates:5")
     faults.reset_counts()
-    clear_evaluators()
+    clear_model_cache()
     with pytest.raises(Exception) as failed:
         evolve(_chain(tiny_family, tiny_dataset, tmp_path / "run", "chain"))
     assert isinstance(failed.value, InjectedFault) or "injected failure" in str(failed.value)
@@ -59,7 +59,7 @@ def test_chained_run_interrupted_in_its_dfs_stage_resumes_to_the_same_result(tin
 
     monkeypatch.delenv("EVOMERGE_FAULT")
     faults.reset_counts()
-    clear_evaluators()
+    clear_model_cache()
     capsys.readouterr()
     resumed = evolve(_chain(tiny_family, tiny_dataset, tmp_path / "run", "chain"))
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ from test_evolve import make_config
 
 from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import EvomergeError
-from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.kinds.cache import clear_model_cache
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -23,7 +23,7 @@ LOCAL_DASK = {"kind": "dask", "workers": 2, "threads_per_worker": 1}
 def _run(family, data, storage, run_key: str, task_runner: dict | None):
     from evomerge.flows.evolve import evolve
 
-    clear_evaluators()
+    clear_model_cache()
     runtime = {"torch_threads": 1}  # the same BLAS thread count in both runners: bitwise-equal sums
     if task_runner is not None:
         runtime["task_runner"] = task_runner
@@ -111,11 +111,11 @@ def probe_flow(config: dict, paths: dict) -> tuple:
 def test_local_cluster_workers_resident_models_threads_and_loopback(tiny_family, tiny_dataset, tmp_path):
     """Each worker process builds its resident model once and reuses it; torch uses one thread;
     scheduler and workers listen on 127.0.0.1 only."""
-    from evomerge_core.runs.search import resolve_run_sources
+    from evomerge_core.kinds import run_kind
 
     cfg = parse_run_config(make_config(tiny_family, tiny_dataset, tmp_path, "direct",
                                        runtime={"task_runner": LOCAL_DASK}))
-    rounds, pids, listening = probe_flow(cfg.model_dump(mode="json"), resolve_run_sources(cfg)["paths"])
+    rounds, pids, listening = probe_flow(cfg.model_dump(mode="json"), run_kind(cfg).resolve_sources(cfg)["paths"])
     assert len(pids) == 2
     for records, probes in rounds:
         assert all(r["error"] is None for r in records)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from evomerge_core.config.schema import parse_run_config
-from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.kinds.cache import clear_model_cache
 from evomerge_core.runs.search import open_store
 from evomerge_core.fitness.evaluator import Fitness, minibatch_indices
 from evomerge_core.spaces.dfs import DFSRecipe, DFSSpace
@@ -100,7 +100,7 @@ def test_minibatch_and_validation_selection_are_deterministic(tiny_family, tiny_
     validation = {"path": str(tiny_dataset["test"]), "columns": COLUMNS}
     results = []
     for key in ("mb-a", "mb-b"):
-        clear_evaluators()  # a cold worker each time
+        clear_model_cache()  # a cold worker each time
         cfg = dfs_config(tiny_family, tiny_dataset, tmp_path, key,
                          optimizer={"popsize": 4, "seed": 11, "generations": 3, "sigma0": 0.5},
                          fitness__scorer="dfs_test_scorers:logprob_and_items", fitness__minibatch=2,

@@ -12,7 +12,7 @@ import yaml
 
 from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import UsageError
-from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.kinds.cache import clear_model_cache
 from evomerge_core.runs.search import check_run_free, open_store
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.spaces import build_space
@@ -124,7 +124,7 @@ def test_same_config_and_seed_give_identical_history(tiny_family, tiny_dataset, 
 
     results = []
     for key in ("twin-a", "twin-b"):
-        clear_evaluators()  # a cold worker each time: nothing carried over in memory
+        clear_model_cache()  # a cold worker each time: nothing carried over in memory
         cfg = make_config(tiny_family, tiny_dataset, tmp_path, key, output={"materialise_best": False, "report": False})
         results.append(evolve(cfg))
     assert results[0]["history"] == results[1]["history"]

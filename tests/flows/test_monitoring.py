@@ -8,7 +8,7 @@ import pytest
 from test_evolve import make_config
 
 from evomerge.flows.monitoring import artifact_key, bar, best_markdown, candidate_rows, chart_image, fitness_chart
-from evomerge_core.kinds.evaluate import clear_evaluators
+from evomerge_core.kinds.cache import clear_model_cache
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -80,7 +80,7 @@ def test_run_leaves_artifacts_in_the_flow_run(tiny_family, tiny_dataset, tmp_pat
 
     from evomerge.flows.evolve import evolve
 
-    clear_evaluators()
+    clear_model_cache()
     cfg = make_config(tiny_family, tiny_dataset, tmp_path, "monitored", output={"materialise_best": False})
     result = evolve(cfg, run_key="monitored")
     with get_client(sync_client=True) as client:

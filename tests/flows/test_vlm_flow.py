@@ -12,7 +12,8 @@ import torch
 
 from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import ConfigError, SourceError
-from evomerge_core.kinds.evaluate import clear_evaluators, preflight_run
+from evomerge_core.kinds.cache import clear_model_cache
+from evomerge_core.kinds.evaluate import preflight_run
 from evomerge_core.io.model_files import LazyModelReader
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,7 +68,7 @@ def test_vlm_run_end_to_end(vlm_pair, tmp_path):
     from evomerge_core.fitness.vqa import vqa_generate, vqa_prompts
     from evomerge_core.kinds.vlm import open_vlm
 
-    clear_evaluators()
+    clear_model_cache()
     result = evolve(_config(vlm_pair, tmp_path, "vlm-run"))
     assert result["evaluations"] == 6
     assert all(r["fitness"] is not None and 0.0 <= r["fitness"] <= 1.0 for r in result["history"])
@@ -86,7 +87,7 @@ def test_vlm_run_end_to_end(vlm_pair, tmp_path):
     image = Image.open(vlm_pair["data"].parent / "img0.png").convert("RGB")
     answers = vqa_generate(model, processor, [image], vqa_prompts(processor, ["what color"]), max_new_tokens=4)
     assert len(answers) == 1 and isinstance(answers[0], str)
-    clear_evaluators()
+    clear_model_cache()
 
 
 def test_llm_of_another_size_fails_before_any_candidate(vlm_pair, tmp_path):
@@ -119,7 +120,7 @@ def test_demo_vlm_rows_on_a_tiny_pair(vlm_pair, tmp_path, monkeypatch):
                  tasks={lang: {s: root / "tasks" / f"{lang}_{s}.jsonl" for s in ("train", "validation", "test")}
                         for lang in ("en", "ja")})
     monkeypatch.setattr(demo_vlm, "build_vlm_zoo", lambda **_: zoo)
-    clear_evaluators()
+    clear_model_cache()
     rows = demo_vlm.vlm_rows(tmp_path / "out", seeds=2, evaluations=8, size="tiny")
     assert [r["kind"] for r in rows] == ["source", "merge", "evolved"]
     assert rows[1]["name"] == "unoptimised TIES (d=0.5, w=1)" and rows[2]["name"].endswith("2 seeds)")
@@ -136,4 +137,4 @@ def test_demo_vlm_rows_on_a_tiny_pair(vlm_pair, tmp_path, monkeypatch):
         assert config["fitness"]["dataset"]["path"].endswith("ja_train.jsonl") and config["fitness"]["validation"] is None
         best = score_vlm_dir(tmp_path / "out" / "vlm" / "evolved" / f"seed{seed}", zoo)
         assert [rows[2]["scores"][lang][seed] for lang in ("ja", "en")] == [best["ja"], best["en"]]
-    clear_evaluators()
+    clear_model_cache()

@@ -63,9 +63,9 @@ def data(tmp_path_factory) -> Path:
 def baseline(prefect_api, family, data, tmp_path_factory) -> list[dict]:
     """The uninterrupted run's history (default runner) every faulted run is compared with."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
 
-    clear_evaluators()
+    clear_model_cache()
     result = evolve(run_config(family, data, tmp_path_factory.mktemp("baseline"), "baseline"))
     assert len(result["history"]) == 8 and all(h.get("error") is None for h in result["history"])
     return strip(result["history"])
@@ -89,9 +89,9 @@ def _write_config(path: Path, config: dict) -> Path:
 def _cli(capfd, *argv: str) -> tuple[int, str, str]:
     """`evomerge ARGV` in this process: (exit code, stdout, stderr)."""
     from evomerge.flows.cli import main
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
 
-    clear_evaluators()
+    clear_model_cache()
     capfd.readouterr()
     rc = main(list(argv))
     out = capfd.readouterr()
@@ -125,7 +125,7 @@ def dask_killed(prefect_api, family, data, tmp_path_factory) -> dict:
     """Default Dask settings: a run on two workers, one SIGKILLed between merging and scoring its
     2nd candidate (``EVOMERGE_FAULT_ONCE``: the restarted worker does not fire again)."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
 
     root = tmp_path_factory.mktemp("dask-kill")
     mp = pytest.MonkeyPatch()
@@ -133,7 +133,7 @@ def dask_killed(prefect_api, family, data, tmp_path_factory) -> dict:
     mp.setenv("EVOMERGE_FAULT", "kill_during_candidate:2")  # the workers inherit the environment
     mp.setenv("EVOMERGE_FAULT_ONCE", str(root / "fired"))
     try:
-        clear_evaluators()
+        clear_model_cache()
         started = time.monotonic()
         result = evolve(run_config(family, data, root / "runs", "dask-kill",
                                    runtime={"task_runner": {"kind": "dask", "workers": 2}}))
@@ -179,9 +179,9 @@ def _cli_plain(*argv: str) -> tuple[int, str, str]:
     import io
 
     from evomerge.flows.cli import main
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
 
-    clear_evaluators()
+    clear_model_cache()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(argv))
@@ -272,12 +272,12 @@ def test_nan_or_inf_weights_fail_the_candidate_and_the_run_goes_on(fault, prefec
 
     from evomerge.flows.evolve import evolve
     from evomerge_core.runs import faults
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
     from evomerge_core.runs.store import RunStore
 
     faults.reset_counts()
     monkeypatch.setenv("EVOMERGE_FAULT", f"{fault}_during_candidate:2")
-    clear_evaluators()
+    clear_model_cache()
     result = evolve(run_config(family, data, tmp_path / "runs", f"poison-{fault}"))
     assert len(result["history"]) == 8 and all(math.isfinite(h["fitness"]) for h in result["history"])
     first = RunStore(f"file://{tmp_path / 'runs'}", f"poison-{fault}").read_generation(0)
@@ -309,7 +309,7 @@ def test_generation_that_never_emits_its_stop_string_is_bounded(prefect_api, fam
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.flows.evolve import evolve
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
     from evomerge_core.generation.hf_loop import greedy_generate
 
     model = AutoModelForCausalLM.from_pretrained(family["ft1"], dtype=torch.float32)
@@ -322,7 +322,7 @@ def test_generation_that_never_emits_its_stop_string_is_bounded(prefect_api, fam
         out = greedy_generate(model, tokenizer, ["what is 1 plus 1? "], max_new_tokens=limit, stop_strings=("###",))
         assert len(steps) == limit and len(out[0]) <= limit  # bounded by max_new_tokens, not by a stop
 
-    clear_evaluators()
+    clear_model_cache()
     config = run_config(family, data, tmp_path / "runs", "no-stop", scorer="test_faults_helpers:generated",
                         fitness={"stop_strings": ["###"], "max_new_tokens": 6})
     result = evolve(config)
@@ -515,11 +515,11 @@ def hub():
 def finished_run(prefect_api, family, data, tmp_path_factory) -> dict:
     """A finished run with best/ materialised, and a local copy of best/ to publish."""
     from evomerge.flows.evolve import evolve
-    from evomerge_core.kinds.evaluate import clear_evaluators
+    from evomerge_core.kinds.cache import clear_model_cache
     from evomerge_core.runs.store import RunStore
 
     root = tmp_path_factory.mktemp("finished")
-    clear_evaluators()
+    clear_model_cache()
     evolve(run_config(family, data, root / "runs", "finished", output={"materialise_best": True}))
     store = RunStore(f"file://{root / 'runs'}", "finished")
     model = store.get_dir("best", root / "models" / "best")

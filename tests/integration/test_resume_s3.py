@@ -296,14 +296,15 @@ def _s3_env(monkeypatch, endpoint: str, key: str, secret: str) -> None:
 @pytest.fixture
 def no_models(monkeypatch):
     """Fail the test if a source is resolved or a model is loaded."""
-    import evomerge_core.runs.search as evolution
     import evomerge_core.kinds.resident as resident
+    from evomerge_core.kinds import RUN_KINDS
 
     def refuse(*args, **kwargs):
         raise AssertionError("model work started")
 
     monkeypatch.setattr(resident.ResidentModel, "__init__", refuse)
-    monkeypatch.setattr(evolution, "resolve_run_sources", refuse)
+    for _, kind in RUN_KINDS.items():
+        monkeypatch.setattr(kind, "resolve_sources", refuse)
 
 
 def test_changed_config_is_refused_with_a_diff(s3_server, family, tmp_path, capsys, monkeypatch, no_models):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from evomerge_core.config.run_kind import kind_name
 from evomerge_core.errors import ConfigError
 
 
@@ -30,6 +31,6 @@ def check_budget(fitness: Any) -> None:
 def check_budget_space(config: Any) -> None:
     """`subset.include_sources` scores each source alone: only PS spaces over LLMs can."""
     subset = config.fitness.budget.subset
-    if subset is not None and subset.include_sources and (config.space.kind == "dfs" or config.vlm is not None):
+    if subset is not None and subset.include_sources and kind_name(config) != "llm":
         raise ConfigError("fitness.budget.subset.include_sources scores each source model alone, which only PS "
                           "searches over language models do; set include_sources: false")
