@@ -22,10 +22,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import yaml
 
 from evomerge_core.errors import ConfigError, StorageError
+from evomerge_core.io.model_dir import ModelDirWriter
 from evomerge_core.runs.storage import Backend, open_backend
 
 __all__ = [
@@ -396,24 +395,17 @@ class RunStore:
         entries = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(entries, dict):
             raise CorruptObjectError(f"{self.url(relpath)}/{MANIFEST} lists no files.")
-        local_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_dir.parent / f".{local_dir.name}.tmp-{uuid.uuid4().hex}"
-        try:
+        with ModelDirWriter(local_dir) as out:  # temp sibling, swapped in once every file checks out
             for name, meta in entries.items():
                 _check_relpath(name)  # storage is untrusted: no '..' or absolute names
-                target = tmp / name
+                target = out.path / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self._backend.download_file(f"{relpath}/{name}", target)
                 if not isinstance(meta, dict) or _file_sha256(target) != meta.get("sha256"):
                     raise CorruptObjectError(
                         f"{self.url(relpath)}/{name} fails its sha256 check; it is corrupt."
                     )
-            tmp.mkdir(parents=True, exist_ok=True)
-            if local_dir.exists():
-                local_dir.rmdir()
-            os.replace(tmp, local_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            out.commit()
         return local_dir
 
     # Lease ----------------------------------------------------------------------------------
