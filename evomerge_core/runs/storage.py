@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,21 @@ class Backend:
         raise NotImplementedError
 
 
+def _replace_file(path: Path, fill: Callable[[Path], object]) -> None:
+    """Write `path` through a temporary sibling `.NAME.tmp-<uuid>` (filled by `fill`, fsynced)
+    and one atomic rename: a reader sees the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        fill(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 class LocalBackend(Backend):
     """Local filesystem; compare-and-swap sections are serialised with ``flock``."""
 
@@ -215,17 +230,7 @@ class LocalBackend(Backend):
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+            _replace_file(path, lambda tmp: tmp.write_bytes(data))
             _fsync_dir(path.parent)
         except OSError as exc:
             raise self.error("write", key, exc) from None
@@ -273,16 +278,7 @@ class LocalBackend(Backend):
     def upload_file(self, local: Path, key: str) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-            try:
-                shutil.copyfile(local, tmp)
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+            _replace_file(path, lambda tmp: shutil.copyfile(local, tmp))
         except OSError as exc:
             raise self.error("upload to", key, exc) from None
 
