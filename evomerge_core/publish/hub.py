@@ -23,16 +23,24 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from evomerge_core.errors import EvomergeError, SourceError, UsageError
+from evomerge_core.errors import EvomergeError, SourceError, StorageError, UsageError
+from evomerge_core.fitness.contamination import describe_contamination
 from evomerge_core.io.model_dir import RECIPE_FILE, ModelDirWriter, find_recipe
 from evomerge_core.io.model_files import AUX_FILES, SAFETENSORS_INDEX, LazyModelReader, PlannedTensor, read_config, weight_files
 from evomerge_core.io.provenance import SOURCES_FILE, read_source_record
+from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
+from evomerge_core.merge.recipe import MergeRecipe
+from evomerge_core.publish.card import (CardInputs, build_model_card, is_vision_language, public_names, scrub_refs,
+                                        scrub_yaml_text)
+from evomerge_core.publish.licenses import describe_source, find_license, merge_licenses
+from evomerge_core.runs.store import RunStore
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 PUBLISHED = "published.json"
@@ -67,7 +75,7 @@ def resolve_token(token: str | None = None) -> str:
     when there is none. The value is never printed."""
     if token:
         return token
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # deferred: ~1 s import; only Hub uploads need it
 
     found = os.environ.get("HF_TOKEN") or get_token()
     if not found:
@@ -79,9 +87,6 @@ def resolve_token(token: str | None = None) -> str:
 def check_model_dir(model_dir: Path) -> dict[str, Any]:
     """Check a model directory is complete (config.json, readable safetensors weights, tokenizer
     files, and a processor config for a VLM); returns its config. SourceError otherwise."""
-    from evomerge_core.publish.card import is_vision_language
-    from evomerge_core.io.model_files import LazyModelReader
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise SourceError(f"model directory {model_dir} does not exist; pass the directory written by "
@@ -126,8 +131,6 @@ class RunRecord:
 
 def open_run(url: str, storage_options: dict[str, Any] | None = None):
     """The RunStore of a run URL ``{storage}/{run_key}`` (``file://``, a path or ``s3://``)."""
-    from evomerge_core.runs.store import RunStore
-
     stripped = url.rstrip("/")
     storage, sep, run_key = stripped.rpartition("/")
     if not sep or not run_key or storage in ("", "file:/", "file://", "s3:/", "s3://"):
@@ -138,8 +141,6 @@ def open_run(url: str, storage_options: dict[str, Any] | None = None):
 
 def load_run(store, workdir: Path) -> RunRecord:
     """Read ``result.json``, the frozen config and ``report/fitness.png`` of a finished run."""
-    from evomerge_core.errors import StorageError
-
     result = store.read_json("result.json")
     config = store.read_config()
     if result is None or config is None:
@@ -181,10 +182,6 @@ def _mergekit_of(model_dir: Path, recipe: dict[str, Any]) -> str | None:
     """``mergekit.yaml`` of the dir, else the recipe converted when it is a PS (mergekit) recipe."""
     if (model_dir / MERGEKIT).is_file():
         return (model_dir / MERGEKIT).read_text()
-    from pydantic import ValidationError
-
-    from evomerge_core.merge.mergekit_yaml import to_mergekit_yaml
-    from evomerge_core.merge.recipe import MergeRecipe
 
     try:
         return to_mergekit_yaml(MergeRecipe.model_validate(recipe))
@@ -197,10 +194,6 @@ def _sources(recipe: dict[str, Any], run: RunRecord | None, source_paths: dict[s
     """(sources, base ref): from the run config when there is one, else from the recipe. A Hub
     source's commit comes from its pinned revision, its snapshot path, else the model
     directory's `evomerge_sources.json` (written by the merge)."""
-    from dataclasses import replace
-
-    from evomerge_core.publish.licenses import describe_source
-
     paths = source_paths or {}
     if run is not None and run.config.get("sources"):
         refs = [s["model"] for s in run.config["sources"]]
@@ -224,9 +217,9 @@ def _sources(recipe: dict[str, Any], run: RunRecord | None, source_paths: dict[s
 def readme_fetcher(token: str | None, endpoint: str | None):
     """``fetch(repo_id, revision) -> text | None``: a source's README.md from the Hub."""
     def fetch(repo_id: str, revision: str | None) -> str | None:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # deferred: ~1 s import; only Hub uploads need it
 
-        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.errors import HfHubHTTPError  # deferred: ~1 s import; only Hub uploads need it
 
         try:
             path = hf_hub_download(repo_id, "README.md", revision=revision, token=token or False,
@@ -258,10 +251,6 @@ def plan_publication(model_dir: str | Path, repo_id: str, *, run: RunRecord | No
                      source_paths: dict[str, str] | None = None, license: str | None = None,
                      force_license: bool = False, fetch_readme=None) -> Publication:
     """Check the inputs and build the model card; raises before anything is written."""
-    from evomerge_core.publish.card import CardInputs, build_model_card, public_names, scrub_refs, scrub_yaml_text
-    from evomerge_core.fitness.contamination import describe_contamination
-    from evomerge_core.publish.licenses import find_license, merge_licenses
-
     check_repo_id(repo_id)
     model_dir = Path(model_dir)
     config = check_model_dir(model_dir)
@@ -368,7 +357,7 @@ def folder_digest(folder: str | Path) -> str:
 
 def _hub_error(exc: Exception, repo_id: str, endpoint: str, token: str) -> PublishError:
     """One clear sentence for a Hub failure (token redacted)."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError  # deferred: ~1 s import; only Hub uploads need it
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
     retry = "the local model is unchanged; fix this and run `evomerge publish` again"
@@ -393,7 +382,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str, private: bool =
     """``create_repo(exist_ok=True)`` (+ the branch) and ``upload_folder``; returns
     ``{repo_id, revision, commit_sha, commit_url, url, private}``. An unchanged folder makes no
     new commit (the Hub skips unchanged files) and returns the branch's current commit."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # deferred: ~1 s import; only Hub uploads need it
 
     check_repo_id(repo_id)
     api = HfApi(endpoint=hub_endpoint(endpoint), token=token)

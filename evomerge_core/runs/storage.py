@@ -371,7 +371,7 @@ class S3Backend(Backend):
         self, location: StorageLocation, secrets: list[str], storage_options: dict[str, Any]
     ) -> None:
         super().__init__(location, secrets)
-        import s3fs  # imported lazily: file:// runs need no S3 client
+        import s3fs  # deferred: 1.3 s import; file:// runs need no S3 client
 
         options = dict(storage_options)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -494,7 +494,7 @@ class S3Backend(Backend):
         return self._conditional_put(key, data, IfNoneMatch="*")
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
-        from fsspec.asyn import sync
+        from fsspec.asyn import sync  # deferred: S3 only, like s3fs above
 
         bucket, obj = self._bucket_key(key)
 

@@ -280,10 +280,10 @@ def _finite(value: float | None) -> float:
 
 
 def _plot_curves(curves: list[list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: 0.3 s import, and the Agg backend is chosen first
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after the Agg backend is chosen
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for seed, summaries in enumerate(curves):
