@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from evomerge_core.errors import MergeError, UsageError
+from evomerge_core.io.host import pid_alive
 from evomerge_core.io.model_files import PlannedTensor, ShardedWriter, copy_files
 from evomerge_core.io.provenance import write_source_record
 
@@ -99,16 +100,6 @@ def check_target(out_dir: Path, *, overwrite: bool, sources: Mapping[str, Path])
     check_out_dir(out_dir, overwrite)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
 def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
     """Remove the temporary directories that killed writers to `out_dir` left on this host
     (their process is gone); returns what was removed. A running writer's directory is kept."""
@@ -124,7 +115,7 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
         if not match or match["out"] != out_dir.name or match["host"] != host or not entry.is_dir():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():

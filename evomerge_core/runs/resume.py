@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from evomerge_core.runs import faults
 from evomerge_core.config.schema import RunConfig, parse_run_config
 from evomerge_core.errors import ConfigError, StorageError, UsageError
+from evomerge_core.io.host import pid_alive
 from evomerge_core.runs.layout import RESULT, open_store, stored_config
 from evomerge_core.runs.store import (
     CorruptObjectError,
@@ -256,16 +257,7 @@ def holder_is_gone(lease: dict[str, Any]) -> bool:
     pid = lease.get("pid")
     if lease.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # someone else's live process
-    try:  # a killed child not yet reaped by its parent is a zombie: gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return not pid_alive(pid)  # a zombie (killed, not yet reaped) is gone too
 
 
 def ensure_lease_free(store: RunStore) -> None:

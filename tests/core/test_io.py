@@ -136,3 +136,20 @@ def test_model_dir_writer_leaves_nothing_on_error_and_swaps_on_commit(tmp_path):
     assert json.loads((out_dir / "config.json").read_text()) == {"model_type": "x"}
     reader = LazyModelReader(out_dir)
     assert all(torch.equal(reader.get(n), t) for n, t in state.items()) and (out_dir / SAFETENSORS_INDEX).is_file()
+
+
+def test_pid_alive_counts_a_zombie_as_gone():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from evomerge_core.io.host import pid_alive
+
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while pid_alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped: a zombie
+        time.sleep(0.05)
+    assert not pid_alive(child.pid) and child.poll() == 0
+    assert not pid_alive(child.pid)  # reaped: no such process
