@@ -23,6 +23,7 @@ import torch
 from evomerge_core.kinds.dfs_model import scale_tensor
 from evomerge_core.sources.decoder_families import DecoderFamily, check_pair
 from evomerge_core.errors import MergeError, SourceError
+from evomerge_core.io.dtypes import parse_dtype
 from evomerge_core.io.model_dir import RECIPE_FILE, ModelDirWriter, check_target, set_config_dtype
 from evomerge_core.io.model_files import TOKENIZER_FILES, LazyModelReader, PlannedTensor, read_config
 from evomerge_core.spaces.dfs import DFSRecipe
@@ -38,15 +39,13 @@ def _layer_tensors(reader: LazyModelReader, prefix: str, layer: int) -> list[str
 
 def _out_dtype(name: str | None, source: torch.dtype) -> torch.dtype:
     if name:
-        from evomerge_core.merge.engine import parse_dtype
-
         return parse_dtype(name)
     return source
 
 
 def _auto_layer_types(path: Path, n: int) -> list[str] | None:
     """The per-layer attention types transformers derives for a config (None when it has none)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers is heavy
 
     types = getattr(AutoConfig.from_pretrained(path), "layer_types", None)
     return list(types) if types and len(types) == n else None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from evomerge_core.sources import architectures as arch
 from evomerge_core.errors import MergeError, SourceError
@@ -35,7 +36,7 @@ from evomerge_core.kinds.base import RUN_KINDS, publish_best
 from evomerge_core.kinds.cache import cached_model
 from evomerge_core.kinds.llm import recipe_files
 from evomerge_core.kinds.resident import recipe_hash
-from evomerge_core.merge.engine import merge_tensor, parse_dtype
+from evomerge_core.merge.engine import check_shard_size, merge_tensor, parse_dtype
 from evomerge_core.sources.resolve import resolve_run_source
 from evomerge_core.runs.store import RunStore
 from evomerge_core.spaces import PSSpace
@@ -239,10 +240,6 @@ def merge_vlm_to_dir(recipe: Any, sources: Mapping[str, Path | str], out_dir: Pa
     the recipe's, else the VLM's). Config, processor, tokenizer, chat template and generation
     config come from the VLM; `recipe.yaml` records the recipe.
     """
-    import yaml
-
-    from evomerge_core.merge.engine import check_shard_size, parse_dtype
-
     out_dir = Path(out_dir)
     check_shard_size(shard_size)
     paths = {ref: Path(p) for ref, p in sources.items()}
