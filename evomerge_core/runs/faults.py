@@ -119,27 +119,26 @@ def reset_counts() -> None:
         _counts.clear()
 
 
+def _count_and_fire(point: str, where: str, model: Any = None) -> None:
+    """Count one pass of this process at `point`; fire its planned action at the N-th."""
+    plan = _plan()
+    if point not in plan:
+        return
+    n = _count(point)
+    action, target = plan[point]
+    if n == target and _first_time(point):
+        _trigger(action, f"{where} {n}", model)
+
+
 def candidate_stored() -> None:
     """Count one stored evaluation of this process; fire ``*_after_candidates:N`` at the N-th."""
-    plan = _plan()
-    if "after_candidates" not in plan:
-        return
-    n = _count("after_candidates")
-    action, target = plan["after_candidates"]
-    if n == target and _first_time("after_candidates"):
-        _trigger(action, f"stored candidate {n}")
+    _count_and_fire("after_candidates", "stored candidate")
 
 
 def candidate_merged(model: Any) -> None:
     """Count one candidate evaluation of this process (its recipe now merged into `model`); fire
     ``*_during_candidate:N`` at the N-th."""
-    plan = _plan()
-    if "during_candidate" not in plan:
-        return
-    n = _count("during_candidate")
-    action, target = plan["during_candidate"]
-    if n == target and _first_time("during_candidate"):
-        _trigger(action, f"candidate evaluation {n}", model)
+    _count_and_fire("during_candidate", "candidate evaluation", model)
 
 
 def at(point: str, generation: int) -> None:
