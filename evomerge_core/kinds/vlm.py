@@ -37,7 +37,7 @@ from evomerge_core.kinds.cache import cached_model
 from evomerge_core.kinds.llm import recipe_files
 from evomerge_core.kinds.resident import recipe_hash
 from evomerge_core.merge.engine import check_shard_size, merge_tensor, parse_dtype
-from evomerge_core.sources.resolve import resolve_run_source
+from evomerge_core.sources.resolve import check_same_tensors, resolve_run_source
 from evomerge_core.runs.store import RunStore
 from evomerge_core.spaces import PSSpace
 
@@ -126,12 +126,7 @@ def validate_vlm_sources(sources: Mapping[str, Path | str], *, vlm: str) -> VLMS
                     "only LLMs of the same size can be merged into it"
                 )
         other = LazyModelReader(Path(path)).tensors
-        missing = [c for c in lm_shapes if c not in other]
-        if missing:
-            raise SourceError(f"tensor {missing[0]} of the language model of VLM {vlm!r} is missing from model {ref!r}; the models do not have the same tensors")
-        extra = [t for t in other if t not in lm_shapes]
-        if extra:
-            raise SourceError(f"model {ref!r} has tensor {extra[0]} that the language model of VLM {vlm!r} lacks; the models do not have the same tensors")
+        check_same_tensors(lm_shapes, other, ref=f"the language model of VLM {vlm!r}", model=ref)
         for name, shape in lm_shapes.items():
             got = other[name].shape
             if got == shape:

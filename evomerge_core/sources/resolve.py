@@ -21,7 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import fsspec
 import torch
@@ -184,6 +184,16 @@ class SourceInfo:
     configs: dict[str, dict] = field(default_factory=dict)
 
 
+def check_same_tensors(ref_tensors: Mapping[str, Any], other: Mapping[str, Any], *, ref: str, model: str) -> None:
+    """SourceError naming the first tensor of `ref` that `model` lacks, or that it has in excess."""
+    missing = [t for t in ref_tensors if t not in other]
+    if missing:
+        raise SourceError(f"tensor {missing[0]} of {ref} is missing from model {model!r}; the models do not have the same tensors")
+    extra = [t for t in other if t not in ref_tensors]
+    if extra:
+        raise SourceError(f"model {model!r} has tensor {extra[0]} that {ref} lacks; the models do not have the same tensors")
+
+
 def validate_sources(sources: Mapping[str, Path], *, base: str | None) -> SourceInfo:
     """Check that sources can be merged: same architecture, layer count, tensor names and
     shapes. Vocabulary tensors may differ in their first axis only (see docs/merging.md)."""
@@ -215,12 +225,7 @@ def validate_sources(sources: Mapping[str, Path], *, base: str | None) -> Source
         if layers != ref_layers:
             raise SourceError(f"model {name!r} has {layers} layers but {reference!r} has {ref_layers}; merged models need the same depth")
         other = readers[name].tensors
-        missing = [t for t in ref_tensors if t not in other]
-        if missing:
-            raise SourceError(f"tensor {missing[0]} of {reference!r} is missing from model {name!r}; the models do not have the same tensors")
-        extra = [t for t in other if t not in ref_tensors]
-        if extra:
-            raise SourceError(f"model {name!r} has tensor {extra[0]} that {reference!r} lacks; the models do not have the same tensors")
+        check_same_tensors(ref_tensors, other, ref=repr(reference), model=name)
         for tname, info in ref_tensors.items():
             shape = other[tname].shape
             if shape == info.shape:

@@ -137,3 +137,15 @@ def test_vocab_difference_is_allowed(tmp_path, family):
     big = make_tiny_llama(tmp_path / "bigvocab", 5, vocab_size=72, tokenizer=False)
     info = validate_sources({"b": family["base"], "v": big}, base="b")
     assert info.vocab_sizes == {"b": 64, "v": 72} and info.tensor_shapes["model.embed_tokens.weight"] == (64, 32)
+
+
+def test_check_same_tensors_names_the_first_missing_or_extra_tensor():
+    from evomerge_core.errors import SourceError
+    from evomerge_core.sources.resolve import check_same_tensors
+
+    ref = {"a.weight": 1, "b.weight": 2}
+    check_same_tensors(ref, {"b.weight": 0, "a.weight": 0}, ref="'base'", model="ft")  # order does not matter
+    with pytest.raises(SourceError, match=r"^tensor b.weight of 'base' is missing from model 'ft'; the models do not have the same tensors$"):
+        check_same_tensors(ref, {"a.weight": 0}, ref="'base'", model="ft")
+    with pytest.raises(SourceError, match=r"^model 'ft' has tensor c.bias that the language model of VLM 'v' lacks; "):
+        check_same_tensors(ref, {**ref, "c.bias": 0}, ref="the language model of VLM 'v'", model="ft")
