@@ -232,8 +232,9 @@ def _header_bytes(shard: Sequence[PlannedTensor]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-class ShardedWriter:
-    """Write planned tensors, streamed in plan order, as (sharded) safetensors + index json."""
+class ShardPlan:
+    """Where planned tensors go: shards of at most `shard_size` bytes, their file names, the
+    write order, and the index json of a sharded output (what every shard writer shares)."""
 
     def __init__(self, out_dir: Path, tensors: Sequence[PlannedTensor], shard_size: int = 5 * 10**9):
         self.out_dir = Path(out_dir)
@@ -241,6 +242,21 @@ class ShardedWriter:
         n = len(self.shards)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
+
+    def write_index(self) -> None:
+        """Write `model.safetensors.index.json` (sharded output only)."""
+        if len(self.files) > 1:
+            weight_map = {t.name: self.files[si] for si, t in self._order}
+            total = sum(t.nbytes for _, t in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+class ShardedWriter(ShardPlan):
+    """Write planned tensors, streamed in plan order, as (sharded) safetensors + index json."""
+
+    def __init__(self, out_dir: Path, tensors: Sequence[PlannedTensor], shard_size: int = 5 * 10**9):
+        super().__init__(out_dir, tensors, shard_size)
         self._pos = 0
         self._fh = None
         self._shard = -1
@@ -278,11 +294,7 @@ class ShardedWriter:
             self._close_file()
             raise RuntimeError(f"writer closed before tensor {missing} was written")
         self._close_file()
-        if len(self.files) > 1:
-            weight_map = {t.name: self.files[si] for si, t in self._order}
-            total = sum(t.nbytes for _, t in self._order)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        self.write_index()
 
     def abort(self) -> None:
         """Close any open file without finishing (the caller removes the directory)."""

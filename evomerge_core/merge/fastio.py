@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import warnings
@@ -27,12 +26,10 @@ import torch
 
 from evomerge_core.errors import SourceError
 from evomerge_core.io.model_files import (
-    SAFETENSORS_INDEX,
-    SINGLE_FILE,
     LazyModelReader,
     PlannedTensor,
+    ShardPlan,
     _header_bytes,
-    plan_shards,
 )
 
 _ALIGN = 4096
@@ -110,7 +107,7 @@ def _aligned_empty(nbytes: int) -> torch.Tensor:
     return raw[shift : shift + nbytes]
 
 
-class DirectShardedWriter:
+class DirectShardedWriter(ShardPlan):
     """Streaming (sharded) safetensors writer with caller-filled staging buffers.
 
     For each planned tensor, in order: `dst = writer.buffer(name)`, fill `dst`, then
@@ -118,11 +115,7 @@ class DirectShardedWriter:
     """
 
     def __init__(self, out_dir: Path, tensors: Sequence[PlannedTensor], shard_size: int = 5 * 10**9, *, direct: bool = True) -> None:
-        self.out_dir = Path(out_dir)
-        self.shards = plan_shards(list(tensors), shard_size)
-        n = len(self.shards)
-        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
+        super().__init__(out_dir, tensors, shard_size)
         biggest = max((t.nbytes for _, t in self._order), default=0)
         headers = max((len(_header_bytes(s)) for s in self.shards), default=0)
         size = _round_up(max(biggest, headers) + 2 * _ALIGN, _ALIGN)
@@ -198,11 +191,7 @@ class DirectShardedWriter:
             raise RuntimeError(f"writer closed before tensor {missing} was written")
         self._finish_file()
         self._io.shutdown(wait=True)
-        if len(self.files) > 1:
-            weight_map = {t.name: self.files[si] for si, t in self._order}
-            total = sum(t.nbytes for _, t in self._order)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        self.write_index()
 
     def abort(self) -> None:
         """Close any open file without finishing (the caller removes the directory)."""
