@@ -1,24 +1,32 @@
 """The run kinds (issue 20): one registry holds llm / vlm / dfs, `run_kind` is the one place that
 picks a config's kind, and one worker-side cache holds at most one resident model, shared by all
-kinds and the evaluator."""
+kinds and the evaluator; the run-kind example of docs/architecture.md runs."""
 
 from __future__ import annotations
 
+import re
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+import evomerge_core.kinds.base as kinds_base
 import evomerge_core.kinds.dfs_model as dfs_model
 import evomerge_core.kinds.resident as resident
 import evomerge_core.kinds.vlm as vlm
 from evomerge_core.config.schema import parse_run_config
-from evomerge_core.errors import ConfigError
+from evomerge_core.errors import ConfigError, SourceError
 from evomerge_core.kinds import RUN_KINDS, run_kind
 from evomerge_core.kinds.cache import CACHE, EVALUATOR, MODEL, WorkerCache, cached_model, clear_model_cache
 from evomerge_core.kinds.dfs import DFSKind
 from evomerge_core.kinds.llm import LLMKind
 from evomerge_core.kinds.vlm import VLMKind
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import make_tiny_llama  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 FITNESS = {"dataset": {"path": "org/data"}, "scorer": "logprob"}
 PS = {"sources": [{"model": "org/base", "base": True}, {"model": "org/x"}], "fitness": FITNESS}
 VLM = {"sources": [{"model": "./vlm", "vlm": True, "base": True}, {"model": "./llm"}], "fitness": FITNESS}
@@ -137,3 +145,32 @@ def test_every_kind_s_resident_model_lives_in_the_one_cache(monkeypatch):
         assert cached_model(("llm", "other"), object) is not None and built == ["llm", "vlm", "dfs", "llm"]
     finally:
         clear_model_cache()
+
+
+@pytest.fixture
+def documented_kind():
+    """docs/architecture.md's run-kind example, registered (and removed afterwards)."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    example = next(b for b in blocks if "RUN_KINDS.add" in b)
+    before = set(RUN_KINDS.names())
+    exec(compile(example, str(DOC), "exec"), {})
+    added = set(RUN_KINDS.names()) - before
+    assert added == {"shallow_llm"}
+    yield RUN_KINDS.get("shallow_llm")
+    for name in added:
+        RUN_KINDS.remove(name)
+
+
+def test_the_documented_run_kind_is_picked_and_checks_its_sources(documented_kind, tmp_path, monkeypatch):
+    deep = make_tiny_llama(tmp_path / "deep", seed=0, layers=6)
+    shallow = make_tiny_llama(tmp_path / "shallow", seed=1, layers=2)
+    paths = {str(deep): str(deep), str(shallow): str(shallow)}
+
+    def config_with_base(base, other):
+        return parse_run_config({"sources": [{"model": str(base), "base": True}, {"model": str(other)}], "fitness": FITNESS})
+
+    monkeypatch.setattr(kinds_base, "kind_name", lambda config: "shallow_llm")  # the config key a real kind would add
+    assert run_kind(config_with_base(shallow, deep)) is documented_kind
+    documented_kind.check_resolved(config_with_base(shallow, deep), paths)
+    with pytest.raises(SourceError, match="at most 4 layers"):
+        documented_kind.check_resolved(config_with_base(deep, shallow), paths)
