@@ -15,6 +15,7 @@ from typing import Iterable
 
 from evomerge_core.errors import MergeError
 from evomerge_core.merge.params import MergePlan, resolve_tensor_params
+from evomerge_core.merge.sparsify import Sparsification
 
 _PER_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
 
@@ -25,16 +26,17 @@ def is_per_expert(tensor_name: str) -> bool:
 
 
 def check_expert_merge(plan: MergePlan, tensor_names: Iterable[str], num_layers: int) -> None:
-    """MergeError when the recipe would trim (TIES, density < 1) or slerp (0 < t < 1) expert
+    """MergeError when the recipe would trim by magnitude (TIES, density < 1) or slerp (0 < t < 1) expert
     tensors stored one per expert, where mergekit works on the fused tensor."""
-    method = plan.method.name
-    if method not in ("ties", "slerp"):
+    variant = plan.method.task_vector
+    trims = variant is not None and variant.sparsification is Sparsification.MAGNITUDE  # TIES's top-k trim
+    if not trims and plan.method.name != "slerp":
         return
     for name in tensor_names:
         if not is_per_expert(name):
             continue
         global_params, model_params = resolve_tensor_params(plan, name, num_layers)
-        if method == "ties":
+        if trims:
             bad = any(float(mp.get("density", 1.0)) < 1.0 for mp in model_params)
             what = "TIES with density < 1 trims the top-k of each tensor"
         else:
