@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,27 +224,35 @@ def test_every_task_vector_method_is_a_declaration():
 
 
 def test_a_new_task_vector_variant_is_one_declaration():
-    """Magnitude trim without sign election (not a built-in) works from its declaration alone,
-    called directly and through a recipe and the merge engine."""
+    """docs/merging.md's example (TIES's trim without the sign election, not a built-in) works
+    from its declaration alone, called directly and through a recipe and the merge engine."""
     from evomerge_core.merge.engine import merge_state_dicts
     from evomerge_core.merge.recipe import MergeRecipe
 
-    register_task_vector_method("trimmed_sum_for_test", TaskVectorVariant(Sparsification.MAGNITUDE))
+    doc = Path(__file__).resolve().parents[2] / "docs" / "merging.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
+    example = next(b for b in blocks if "register_task_vector_method(" in b)
+    before = set(METHODS)
+    exec(compile(example, str(doc), "exec"), {})
+    added = set(METHODS) - before
+    assert added == {"magnitude_sum"}
     try:
-        m = get_method("trimmed_sum_for_test")
+        m = get_method("magnitude_sum")
+        assert (m.task_vector.sparsification, m.task_vector.consensus) == (Sparsification.MAGNITUDE, Consensus.NONE)
         assert m.model_params == ("weight", "density") and m.global_params["rescale"] is False
         # density 0.5 keeps the top 2 |delta|: d1 [1,-1,.5,0] -> [1,-1,0,0]; d2 [-1,2,2,-1] -> [0,2,2,0]
         expected = B + torch.tensor([1.0, 1.0, 2.0, 0.0])
         mp = [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
         assert torch.equal(m([X1, X2], base=B, model_params=mp), expected)
         recipe = MergeRecipe.model_validate({
-            "merge_method": "trimmed_sum_for_test",
+            "merge_method": "magnitude_sum",
             "base_model": "b",
             "models": [{"model": "x1", "parameters": mp[0]}, {"model": "x2", "parameters": mp[1]}],
         })
         merged = merge_state_dicts(recipe, {"b": {"w": B}, "x1": {"w": X1}, "x2": {"w": X2}}, num_layers=1)["w"]
         assert torch.equal(merged.float(), expected)
     finally:
-        METHODS.remove("trimmed_sum_for_test")
-    with pytest.raises(MergeError, match="unknown merge method 'trimmed_sum_for_test'"):
-        get_method("trimmed_sum_for_test")
+        for name in added:
+            METHODS.remove(name)
+    with pytest.raises(MergeError, match="unknown merge method 'magnitude_sum'"):
+        get_method("magnitude_sum")
