@@ -7,7 +7,6 @@ left-padded so a batch wastes little compute; results come back in the caller's 
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from evomerge_core.generation.engine import choose_backend
 from evomerge_core.generation.model_api import cache_argument
 from evomerge_core.generation.engine import engine_generate
+from evomerge_core.generation.engine.stops import PerTokenizer
 
 
 def _ensure_pad(tokenizer) -> int:
@@ -44,14 +44,7 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 # Per tokenizer (weakly held, so a new tokenizer never sees another's entries): the stop-token
 # masks, and the token ids of the last prompt list (a search scores the same prompts for every
 # candidate).
-_PER_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _tokenizer_cache(tokenizer) -> dict:
-    try:
-        return _PER_TOKENIZER.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: no caching
-        return {}
+_tokenizer_cache = PerTokenizer()
 
 
 def _stop_token_mask(tokenizer, chars: tuple[str, ...], vocab: int, device: torch.device) -> torch.Tensor:

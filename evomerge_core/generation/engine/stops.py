@@ -18,15 +18,22 @@ from collections.abc import Sequence
 
 import torch
 
-# Per tokenizer (weakly held): per-token texts and built tables, so each candidate reuses them.
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class PerTokenizer:
+    """One dict per tokenizer, weakly held (a new tokenizer never sees another's entries): what a
+    search builds once from a tokenizer and reuses for every candidate."""
+
+    def __init__(self) -> None:
+        self._dicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __call__(self, tokenizer) -> dict:
+        try:
+            return self._dicts.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable: no caching
+            return {}
 
 
-def _per_tokenizer(tokenizer) -> dict:
-    try:
-        return _TABLES.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: no caching
-        return {}
+# Per tokenizer: per-token texts and built tables, so each candidate reuses them.
+_per_tokenizer = PerTokenizer()
 
 
 def token_texts(tokenizer, vocab: int) -> list[str]:
