@@ -240,8 +240,6 @@ def _log_evomerge_warnings() -> None:
 def _run_evolve(config: RunConfig, resume: bool, key: str) -> Any:
     """The search in this flow run (idempotent: a finished run completes at once with its result);
     bad input is a Failed state (not retried) whose message names deployment parameters."""
-    from prefect.states import Failed
-
     from evomerge_core.runs.search import RESULT, open_store
 
     _log_evomerge_warnings()

@@ -136,7 +136,7 @@ def candidate_runner(runtime: RuntimeConfig) -> Iterator[None]:
     runner = build_dask_runner(spec, device=runtime.device, api_url=api_url)
     with runner:
         try:
-            runner.client  # start the cluster / connect now, so a bad address fails before generation 1
+            _ = runner.client  # start the cluster / connect now, so a bad address fails before generation 1
         except (OSError, TimeoutError) as exc:
             where = f"the Dask scheduler at {spec.address}" if spec.address else "a local Dask cluster"
             raise CandidateRunError(f"could not reach {where} ({type(exc).__name__}: {exc}); start it or fix "

@@ -116,7 +116,8 @@ def _check_dfs_space(config: RunConfig) -> None:
     assert dfs is not None
     refs = [s.model for s in config.sources]
     if len(refs) != 2:
-        raise ConfigError(f"sources: a DFS run combines exactly two models (A and B), got {len(refs)}; list only space.dfs.model_a and space.dfs.model_b")
+        raise ConfigError(f"sources: a DFS run combines exactly two models (A and B), got {len(refs)}; "
+                          "list only space.dfs.model_a and space.dfs.model_b")
     if dfs.model_a == dfs.model_b:
         raise ConfigError("space.dfs.model_b is the same model as model_a; DFS combines two different sources")
     for field in ("model_a", "model_b"):
@@ -163,7 +164,8 @@ def _check_ps_space(config: RunConfig, bases: list[str]) -> None:
         raise ConfigError(f"space.ps.params: merge method {ps.method!r} has no per-model parameters to evolve")
     for p in params:
         if p not in method.model_params:
-            raise ConfigError(f"space.ps.params: {p!r} is not a per-model parameter of {ps.method!r}{did_you_mean(p, method.model_params)}; choose from {list(method.model_params)}")
+            raise ConfigError(f"space.ps.params: {p!r} is not a per-model parameter of {ps.method!r}"
+                              f"{did_you_mean(p, method.model_params)}; choose from {list(method.model_params)}")
     if len(set(params)) != len(params):
         raise ConfigError("space.ps.params: a parameter is listed twice")
     for name in ps.bounds:
@@ -184,7 +186,8 @@ def _check_ps_space(config: RunConfig, bases: list[str]) -> None:
             raise ConfigError(f"space.ps.x0: initial {p} {x0} lies outside its bounds [{lo}, {hi}]")
     for key in ps.fixed:
         if key not in method.global_params:
-            raise ConfigError(f"space.ps.fixed: {key!r} is not a global parameter of {ps.method!r}{did_you_mean(key, method.global_params)}; choose from {sorted(method.global_params)}")
+            raise ConfigError(f"space.ps.fixed: {key!r} is not a global parameter of {ps.method!r}"
+                              f"{did_you_mean(key, method.global_params)}; choose from {sorted(method.global_params)}")
     if not isinstance(ps.granularity, str) and ps.granularity.layer_groups < 1:
         raise ConfigError("space.ps.granularity.layer_groups must be at least 1")
     _check_fixed_values(config)
@@ -207,12 +210,13 @@ def _check_prompt_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise ConfigError(f"fitness.prompt_template is not a valid format string ({exc}); use {{prompt}} placeholders and double braces for literal ones") from None
+        raise ConfigError(f"fitness.prompt_template is not a valid format string ({exc}); use {{prompt}} placeholders "
+                          "and double braces for literal ones") from None
     if any(f == "" or f.isdigit() for f in fields):
         raise ConfigError("fitness.prompt_template: use named placeholders such as {prompt}, not {} or {0}")
 
 
-def did_you_mean(word: str, choices: Any) -> str:
+def did_you_mean(word: object, choices: Any) -> str:
     """' (did you mean X?)' for the closest of `choices`, else ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

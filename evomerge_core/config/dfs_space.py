@@ -36,7 +36,8 @@ class DFSSpaceConfig(BaseModel):
             raise ConfigError(f"space.dfs.max_hops is {self.max_hops}; a path holds at least A's first and last layer, set max_hops >= 2")
         lo, hi = self.indicator_bounds
         if not lo < 0 < hi:
-            raise ConfigError(f"space.dfs.indicator_bounds {list(self.indicator_bounds)} must contain 0 strictly inside (a slot is kept when its value is > 0); use e.g. [-1, 1]")
+            raise ConfigError(f"space.dfs.indicator_bounds {list(self.indicator_bounds)} must contain 0 strictly inside "
+                              "(a slot is kept when its value is > 0); use e.g. [-1, 1]")
         for name in ("indicator_x0_on", "indicator_x0_off"):
             v = getattr(self, name)
             if not lo <= v <= hi:

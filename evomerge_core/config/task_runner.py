@@ -104,9 +104,8 @@ class TaskRunnerConfig(BaseModel):
         `slots` is how many candidates run at once (workers; None when unknown)."""
         if count <= 0:
             return []
-        size = self.candidates_per_task
-        if size == "auto":
-            size = math.ceil(count / max(slots or 1, 1))
+        per_task = self.candidates_per_task
+        size = math.ceil(count / max(slots or 1, 1)) if per_task == "auto" else per_task
         return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
     def resources(self, device: str) -> dict[str, float]:

@@ -173,7 +173,8 @@ def prepare_vqa_rows(rows: list[dict[str, Any]], spec: Any, where: str, options:
             try:
                 item["answer"] = str(template).format(**row)
             except (KeyError, IndexError, TypeError) as exc:
-                raise ConfigError(f"{where}: fitness.options.answer_template {template!r} does not fit row {i} ({type(exc).__name__}: {exc})") from None
+                raise ConfigError(f"{where}: fitness.options.answer_template {template!r} does not fit row {i} "
+                                  f"({type(exc).__name__}: {exc})") from None
         out.append(item)
     return out
 
@@ -194,7 +195,8 @@ def vqa_prompts(processor: Any, prompts: Sequence[str], *, chat_template: bool =
             raise ConfigError(f"fitness.prompt_template must contain the image token {token!r} when fitness.options.chat_template is false")
         return list(prompts)
     if not getattr(processor, "chat_template", None):
-        raise ConfigError("the VLM's processor has no chat template; set fitness.options.chat_template: false and put the image token in fitness.prompt_template")
+        raise ConfigError("the VLM's processor has no chat template; set fitness.options.chat_template: false and put "
+                          "the image token in fitness.prompt_template")
     out = []
     for prompt in prompts:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

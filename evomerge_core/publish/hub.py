@@ -355,7 +355,7 @@ def folder_digest(folder: str | Path) -> str:
 # ------------------------------------------------------------------------------ pushing
 
 
-def _hub_error(exc: Exception, repo_id: str, endpoint: str, token: str) -> PublishError:
+def _hub_error(exc: Exception, repo_id: str, endpoint: str, token: str | None) -> PublishError:
     """One clear sentence for a Hub failure (token redacted)."""
     from huggingface_hub.errors import HfHubHTTPError  # deferred: ~1 s import; only Hub uploads need it
 
@@ -377,7 +377,7 @@ def _hub_error(exc: Exception, repo_id: str, endpoint: str, token: str) -> Publi
     return PublishError(redact(msg, token))
 
 
-def push_folder(folder: str | Path, repo_id: str, *, token: str, private: bool = True, revision: str = "main",
+def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool = True, revision: str = "main",
                 endpoint: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
     """``create_repo(exist_ok=True)`` (+ the branch) and ``upload_folder``; returns
     ``{repo_id, revision, commit_sha, commit_url, url, private}``. An unchanged folder makes no

@@ -18,7 +18,10 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # typing.Self is 3.11+; the project supports 3.10
+    from typing_extensions import Self
 
 
 @dataclass(eq=False, kw_only=True)

@@ -16,6 +16,7 @@ new one (only a budget change is allowed) and loads the state to continue from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -333,7 +334,7 @@ class Run:
 
     def cached(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         """The stored evaluation of each key, or None."""
-        return [with_retries(lambda k=k: self.store.get_candidate(k), "read a stored candidate") for k in keys]
+        return [with_retries(functools.partial(self.store.get_candidate, k), "read a stored candidate") for k in keys]
 
     def close(self) -> None:
         """Release the lease."""

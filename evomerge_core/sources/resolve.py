@@ -92,7 +92,8 @@ def _fetch_hub(ref: str, cache_dir: Path | None, token: str | None, allow_pickle
             )
         )
     except Exception as exc:  # hub errors carry URLs, never the token
-        raise SourceError(f"cannot download {ref} from the Hugging Face Hub ({type(exc).__name__}); check the id, revision, token and network") from None
+        raise SourceError(f"cannot download {ref} from the Hugging Face Hub ({type(exc).__name__}); "
+                          "check the id, revision, token and network") from None
 
 
 def _fetch_fsspec(url: str, cache_dir: Path, allow_pickle: bool) -> Path:

@@ -23,6 +23,7 @@ def build_space(config: RunConfig, *, num_layers: int | None = None, num_layers_
     if config.space.kind == "dfs":
         if num_layers is None or num_layers_b is None:
             raise ConfigError("a DFS space needs the layer counts of model A and model B; resolve the sources first")
+        assert config.space.dfs is not None, "a DFS space needs space.dfs"  # the schema requires it for kind 'dfs'
         return DFSSpace(config.space.dfs, layers_a=num_layers, layers_b=num_layers_b)
     return PSSpace.from_config(config, num_layers=num_layers)
 
@@ -31,6 +32,7 @@ def needs_num_layers(config: RunConfig) -> bool:
     """True when the space needs the sources' layer count before it can be built."""
     if config.space.kind == "dfs":
         return True
+    assert config.space.ps is not None, "a PS space needs space.ps"
     return isinstance(config.space.ps.granularity, LayerGroups)
 
 

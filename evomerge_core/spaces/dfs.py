@@ -167,7 +167,8 @@ class DFSSpace:
 
     def __init__(self, config: DFSSpaceConfig, *, layers_a: int, layers_b: int) -> None:
         if layers_a < 2:
-            raise ConfigError(f"model A ({config.model_a}) has {layers_a} decoder layer(s); DFS fixes A's first and last layer as the path's ends, so A needs at least 2")
+            raise ConfigError(f"model A ({config.model_a}) has {layers_a} decoder layer(s); DFS fixes A's first and "
+                              "last layer as the path's ends, so A needs at least 2")
         if layers_b < 1:
             raise ConfigError(f"model B ({config.model_b}) has no decoder layers; choose a decoder model")
         self.config = config

@@ -89,6 +89,7 @@ class PSSpace:
     def from_config(cls, config: RunConfig, *, num_layers: int | None = None) -> PSSpace:
         """The space a run config describes (`num_layers` is needed for layer groups)."""
         ps = config.space.ps
+        assert ps is not None, "a PS space needs space.ps"  # the schema fills it for kind 'ps'
         method = get_method(ps.method)
         params = ps.params if ps.params is not None else list(method.model_params)
         base = config.base

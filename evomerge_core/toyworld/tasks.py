@@ -174,6 +174,6 @@ def union_rows(world: World, split: Split, per_task: int, seed: int) -> list[Row
     skill = split_rows(world, "skill", split, per_task, seed)
     lang = split_rows(world, "lang", split, per_task, seed)
     rows: list[Row] = []
-    for s, l in zip(skill, lang):
-        rows += [s, l]
+    for skill_row, lang_row in zip(skill, lang):
+        rows += [skill_row, lang_row]
     return rows

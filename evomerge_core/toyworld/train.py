@@ -101,9 +101,9 @@ def _batch(rows: list[dict[str, str]], vocab: dict[str, int]) -> dict[str, torch
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     label_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lab) in enumerate(zip(seqs, labels)):
         input_ids[i, : len(s)] = torch.tensor(s)
-        label_t[i, : len(l)] = torch.tensor(l)
+        label_t[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
     return {"input_ids": input_ids, "labels": label_t, "attention_mask": mask}
 

@@ -65,7 +65,8 @@ def generation_items(budget: BudgetConfig, state: BudgetState, generation: int, 
     rng = random.Random(f"evomerge-racing-order:{seed}:{generation}")
     order = list(range(state.n_items))
     rng.shuffle(order)
-    return order[: budget.racing.max_items] if budget.racing.max_items is not None else order
+    limit = budget.racing.max_items if budget.racing is not None else None  # racing is set here (see above)
+    return order[:limit] if limit is not None else order
 
 
 def rounds_of(budget: BudgetConfig, generation: int, items: list[int]) -> list[list[int]]:
