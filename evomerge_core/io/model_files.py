@@ -16,7 +16,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -243,6 +243,13 @@ class ShardPlan:
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
 
+    def check_complete(self, written: int, cleanup: Callable[[], None]) -> None:
+        """RuntimeError (after `cleanup`) when fewer than all planned tensors were written."""
+        if written != len(self._order):
+            missing = self._order[written][1].name
+            cleanup()
+            raise RuntimeError(f"writer closed before tensor {missing} was written")
+
     def write_index(self) -> None:
         """Write `model.safetensors.index.json` (sharded output only)."""
         if len(self.files) > 1:
@@ -289,10 +296,7 @@ class ShardedWriter(ShardPlan):
 
     def close(self) -> None:
         """Finish the last shard and write the index (sharded output only)."""
-        if self._pos != len(self._order):
-            missing = self._order[self._pos][1].name
-            self._close_file()
-            raise RuntimeError(f"writer closed before tensor {missing} was written")
+        self.check_complete(self._pos, self._close_file)
         self._close_file()
         self.write_index()
 

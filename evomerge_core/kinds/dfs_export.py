@@ -119,12 +119,14 @@ def _plan(
         reader = readers[hop.model]
         suffixes = _layer_tensors(reader, prefix, hop.layer)
         if set(suffixes) != set(ref_layer):
-            raise SourceError(f"layer {hop.layer} of model {hop.model.upper()} has tensors {sorted(suffixes)} but A's layers have {sorted(ref_layer)}; the models' layers differ")
+            raise SourceError(f"layer {hop.layer} of model {hop.model.upper()} has tensors {sorted(suffixes)} "
+                              f"but A's layers have {sorted(ref_layer)}; the models' layers differ")
         nxt = recipe.path[k + 1].scale if k + 1 < len(recipe.path) else 1.0
         for s in suffixes:
             src = f"{prefix}{hop.layer}.{s}"
             if tuple(reader.tensors[src].shape) != tuple(ref_layer[s].shape):
-                raise SourceError(f"tensor {src} of model {hop.model.upper()} has shape {list(reader.tensors[src].shape)} but A's has {list(ref_layer[s].shape)}; the models' layers differ")
+                raise SourceError(f"tensor {src} of model {hop.model.upper()} has shape {list(reader.tensors[src].shape)} "
+                                  f"but A's has {list(ref_layer[s].shape)}; the models' layers differ")
             add(f"{prefix}{k}.{s}", reader, src, nxt if s in family.output_tensors else 1.0)
     for name in outside:
         if name != family.embed_tensor:

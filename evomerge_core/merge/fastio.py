@@ -185,10 +185,7 @@ class DirectShardedWriter(ShardPlan):
 
     def close(self) -> None:
         """Finish the last shard and write the index (sharded output only)."""
-        if self._pos != len(self._order):
-            missing = self._order[self._pos][1].name
-            self.abort()
-            raise RuntimeError(f"writer closed before tensor {missing} was written")
+        self.check_complete(self._pos, self.abort)
         self._finish_file()
         self._io.shutdown(wait=True)
         self.write_index()

@@ -43,17 +43,15 @@ def _expert(mixture: dict[str, float], steps: int, lr: float, seed: int, schedul
     return Stage(tuple(mixture.items()), steps, lr, batch_size=32, seed=seed, warmup=20, schedule=schedule)
 
 
+# The tasks' sizes, the same for both recipes (only the models and their training differ).
+_TASK_SIZES = dict(max_a=99, max_b=9, max_number=9999, n_validation=100, n_test=200, n_train_rows=100)
+
 # `base` sees the EN skill often, JA reading rarely and EN->JA digit transliteration, so it is
 # middling at both target tasks; each expert is fine-tuned at lr 1e-3 long enough to forget the
 # other's task. skill_b differs from skill_a in seed and data mix (like WizardMath vs Abel).
 MICRO = Recipe(
     size="micro",
-    max_a=99,
-    max_b=9,
-    max_number=9999,
-    n_validation=100,
-    n_test=200,
-    n_train_rows=100,
+    **_TASK_SIZES,
     shape=ModelShape(hidden=64, layers=3, heads=4, intermediate=192),
     base=Stage((("skill", 2.0), ("lang", 0.1), ("translit", 1.0)), steps=600, lr=3e-3, batch_size=32, seed=1),
     experts=(
@@ -69,12 +67,7 @@ MICRO = Recipe(
 # a chance; experts decay their lr (cosine). Tuned on validation accuracy only (docs/toyworld.md).
 DEMO = Recipe(
     size="demo",
-    max_a=99,
-    max_b=9,
-    max_number=9999,
-    n_validation=100,
-    n_test=200,
-    n_train_rows=100,
+    **_TASK_SIZES,
     shape=ModelShape(hidden=96, layers=3, heads=4, intermediate=256),
     base=Stage(
         (("skill", 1.0), ("lang", 0.05), ("translit", 1.0), ("cross_small", 0.3)),
