@@ -13,6 +13,7 @@ import yaml
 
 from evomerge_core.config.dfs_space import DFSSpaceConfig
 from evomerge_core.config.schema import RunConfig
+from evomerge_core.io.model_dir import RECIPE_FILE, find_recipe
 from evomerge_core.io.model_files import read_config
 from evomerge_core.kinds.base import RUN_KINDS, publish_best
 from evomerge_core.kinds.dfs_export import materialise_dfs
@@ -102,7 +103,7 @@ class DFSKind:
         }
         return publish_best(
             store, lambda out: materialise_dfs(recipe, paths, out, dtype=dtype),
-            lambda: {"recipe.yaml": recipe.to_yaml(),
+            lambda: {RECIPE_FILE: recipe.to_yaml(),
                      LINEAGE_FILE: yaml.safe_dump(lineage, sort_keys=False, allow_unicode=True)},
             relpath)
 
@@ -114,11 +115,11 @@ def _dfs(config: RunConfig) -> DFSSpaceConfig:
 
 def source_lineage(ref: str, path: str | Path) -> dict[str, Any]:
     """Where a source came from: its reference, and for an evomerge result (a dir holding
-    `recipe.yaml`) that recipe and its own lineage."""
+    `recipe.yaml`, or a recipe under an older name) that recipe and its own lineage."""
     path = Path(path)
     entry: dict[str, Any] = {"model": ref}
-    recipe = path / "recipe.yaml"
-    if recipe.is_file():
+    recipe = find_recipe(path)
+    if recipe is not None:
         entry["recipe"] = yaml.safe_load(recipe.read_text())
         lineage = path / LINEAGE_FILE
         if lineage.is_file():
