@@ -16,24 +16,12 @@ from typing import Any
 from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import EvomergeError
 from evomerge_core.optim.cmaes import CMAES
+from evomerge_core.runs import faults
+from evomerge_core.runs.layout import RESULT as RESULT, open_store as open_store, stored_config  # RESULT, open_store: re-exported
 from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
+from evomerge_core.runs.resume import check_before_start, with_retries
 from evomerge_core.runs.store import RunStore
 from evomerge_core.spaces import PSSpace
-
-RESULT = "result.json"
-
-
-def open_store(config: RunConfig) -> RunStore:
-    """The run store of a config (storage URL + effective run key)."""
-    return RunStore(config.storage, config.effective_run_key(), storage_options=config.storage_options or None)
-
-
-def stored_config(config: RunConfig) -> dict[str, Any]:
-    """The config as frozen in the run store (storage options, which may hold secrets, left out)."""
-    data = config.model_dump(mode="json", exclude={"storage_options"})
-    data["run_key"] = config.effective_run_key()
-    return data
-
 
 def prepare_run(config: RunConfig, *, resume: bool = True) -> RunStore:
     """Check the run key may be used (see `check_run_free`) and write the frozen config (no
@@ -47,8 +35,6 @@ def check_run_free(config: RunConfig, *, resume: bool = True) -> RunStore:
     """The run store, after checking storage access, that no live run holds the run key, and
     (when resuming) that the stored run may be continued with this config: UsageError for a
     finished run, ConfigError with a diff for a changed config, StorageError otherwise."""
-    from evomerge_core.runs.resume import check_before_start
-
     return check_before_start(config, resume=resume)
 
 
@@ -147,9 +133,6 @@ def checkpoint(store: RunStore, generation: int, records: Sequence[CandidateReco
     """Write the generation record (with `extra` entries, e.g. the budget state), then
     `latest.json` (last, so it only names complete generations); transient storage failures
     are retried (`resume.with_retries`)."""
-    from evomerge_core.runs import faults
-    from evomerge_core.runs.resume import with_retries
-
     latest = _latest_record(generation, best, evaluations)
     record = {"generation": generation, "summary": summary.to_dict(), "candidates": [r.to_dict() for r in records],
               "optimizer_state": optimizer_state, **(extra or {})}

@@ -6,12 +6,11 @@ from typing import Any
 
 from evomerge_core.config.run_kind import kind_name
 from evomerge_core.errors import ConfigError
+from evomerge_core.fitness.registry import get_scorer
 
 
 def check_budget(fitness: Any) -> None:
     """The budget fits the rest of the fitness section."""
-    from evomerge_core.fitness.registry import get_scorer
-
     budget = fitness.budget
     if fitness.dataset is None:
         raise ConfigError("fitness.budget needs fitness.dataset (the train items it scores); add one or remove budget")
