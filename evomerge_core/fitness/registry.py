@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge_core.errors import ConfigError
+from evomerge_core.generation.hf_loop import greedy_generate
 from evomerge_core.registry import Registry
 
 # Fitness recorded for a failed candidate of a user scorer that declares no `worst_fitness`.
@@ -77,8 +78,6 @@ class ScoreContext:
     def outputs(self) -> list[str]:
         """Greedy generations for `prompts` (computed once)."""
         if "outputs" not in self.cache:
-            from evomerge_core.generation.hf_loop import greedy_generate  # deferred: torch; config checks import this module
-
             stats: dict[str, Any] = {}
             self.cache["outputs"] = greedy_generate(
                 self.model,
@@ -102,6 +101,11 @@ class ScoreContext:
         return dataclasses.replace(self, options=dict(options))
 
 
+def _flag(attr: str, default: bool, doc: str) -> property:
+    """A read-only bool property: the scorer function's attribute `attr`, else `default`."""
+    return property(lambda self: bool(getattr(self.fn, attr, default)), doc=doc)
+
+
 @dataclass(frozen=True)
 class Scorer:
     """A resolved scorer and what the evaluator needs to know about it."""
@@ -114,30 +118,17 @@ class Scorer:
         """Fitness recorded for a candidate that failed."""
         return float(getattr(self.fn, "worst_fitness", DEFAULT_WORST))
 
-    @property
-    def is_accuracy(self) -> bool:
-        """True when the scorer's value is itself an accuracy."""
-        return bool(getattr(self.fn, "is_accuracy", False))
-
-    @property
-    def checks_logits(self) -> bool:
-        """True when the scorer raises on NaN/inf logits itself (no separate check pass needed)."""
-        return bool(getattr(self.fn, "checks_logits", False))
+    is_accuracy = _flag("is_accuracy", False, "True when the scorer's value is itself an accuracy.")
+    checks_logits = _flag("checks_logits", False,
+                          "True when the scorer raises on NaN/inf logits itself (no separate check pass needed).")
+    needs_dataset = _flag("needs_dataset", True, "False for scorers that bring their own data (lm-eval tasks).")
+    needs_images = _flag("needs_images", False,
+                         "True for scorers of a VLM on image items (they need a source marked vlm: true).")
 
     @property
     def per_item(self) -> Callable[[ScoreContext], list[float]] | None:
         """The scorer's per-row values (their mean is the fitness), or None when it has none."""
         return getattr(self.fn, "per_item", None)
-
-    @property
-    def needs_dataset(self) -> bool:
-        """False for scorers that bring their own data (lm-eval tasks)."""
-        return bool(getattr(self.fn, "needs_dataset", True))
-
-    @property
-    def needs_images(self) -> bool:
-        """True for scorers of a VLM on image items (they need a source marked vlm: true)."""
-        return bool(getattr(self.fn, "needs_images", False))
 
     def required_columns(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         """Columns every row must have (besides the prompt template's fields)."""
