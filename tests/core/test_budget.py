@@ -172,7 +172,7 @@ def test_answer_line_caps_stop_rows_at_the_newline_only_in_budgeted_scoring(tmp_
         stats["row_tokens"] = [2] * len(prompts)
         return ["1\n"] * len(prompts)
 
-    monkeypatch.setattr("evomerge_core.generation.hf_loop.greedy_generate", fake_generate)
+    monkeypatch.setattr("evomerge_core.fitness.registry.greedy_generate", fake_generate)  # where ScoreContext calls it
     cfg = FitnessConfig(dataset={"path": str(path), "columns": {"prompt": "q", "answer": "a"}}, scorer="exact_match",
                         stop_strings=["="], budget={"length_caps": {"answer_line": True}})
     fit = Fitness(cfg)
