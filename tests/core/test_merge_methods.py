@@ -14,13 +14,11 @@ from evomerge_core.errors import MergeError
 from evomerge_core.merge.methods import (
     MERGE_METHODS,
     METHODS,
-    TaskVectorVariant,
     bernoulli_mask,
     get_method,
     magnitude_mask,
     merge_task_vectors,
     register_method,
-    register_task_vector_method,
     rescale_l1,
     slerp_tensors,
 )
