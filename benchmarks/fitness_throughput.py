@@ -219,7 +219,8 @@ def main() -> int:
             rec["per_candidate"] = {"items_per_second": cand, "ratio": cand["evomerge"] / cand["lmeval"], "score": cand_score,
                                     "seconds": {"evomerge": ours["candidate_seconds"], "lmeval": theirs["candidate_seconds"]}}
             gen = {k: len(prompts) / r["seconds"] for k, r in (("evomerge", ours), ("lmeval", theirs))}
-            gen_score = {k: sum(o.strip() == a.strip() for o, a in zip(r["outputs"], answers)) / len(answers) for k, r in (("evomerge", ours), ("lmeval", theirs))}
+            gen_score = {k: sum(o.strip() == a.strip() for o, a in zip(r["outputs"], answers)) / len(answers)
+                         for k, r in (("evomerge", ours), ("lmeval", theirs))}
             differ = sum(a != b for a, b in zip(ours["outputs"], theirs["outputs"]))
             rec["generation"] = {"items_per_second": gen, "ratio": gen["evomerge"] / gen["lmeval"], "score": gen_score,
                                  "outputs_differ": differ, "examples": [{"prompt": p, "evomerge": a, "lmeval": b} for p, a, b in

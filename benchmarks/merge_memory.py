@@ -117,7 +117,8 @@ def main() -> int:
             if not (root / name / "config.json").exists():
                 t = time.perf_counter()
                 subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                                f"from merge_memory import build_model; from pathlib import Path; build_model(Path({str(root / name)!r}), {i})"], check=True)
+                                "from merge_memory import build_model; from pathlib import Path; "
+                                f"build_model(Path({str(root / name)!r}), {i})"], check=True)
                 print(f"built {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
         n_params = sum(int(__import__("math").prod(s)) for _, s in _tensor_specs())

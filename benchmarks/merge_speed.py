@@ -226,7 +226,8 @@ def main() -> int:
             for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True)
             warm(root)
-            row["reference"] = timed_child([sys.executable, __file__, "--threads", str(args.threads), "--_reference", str(root), str(outs["reference"])], env)
+            row["reference"] = timed_child([sys.executable, __file__, "--threads", str(args.threads), "--_reference", str(root),
+                                            str(outs["reference"])], env)
             shutil.rmtree(outs["reference"], ignore_errors=True)
             warm(root)
             me = [sys.executable, __file__, "--threads", str(args.threads)]
