@@ -82,9 +82,10 @@ def _probe() -> dict:
     """Run on each worker: its pid, torch threads and resident model(s)."""
     import torch
 
-    from evomerge_core.kinds import resident
+    from evomerge_core.kinds.cache import CACHE, MODEL
 
-    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "resident": [id(m) for m in resident._CACHE.values()]}
+    held = CACHE.held(MODEL)
+    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "resident": [] if held is None else [id(held)]}
 
 
 @flow(name="dask-probe")
