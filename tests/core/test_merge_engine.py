@@ -57,7 +57,8 @@ def test_generators_differ_per_tensor_and_model():
 
 def test_merge_tensor_gradient_and_float32_output():
     r = MergeRecipe.model_validate(
-        {"merge_method": "linear", "models": [{"model": "m1", "parameters": {"weight": [1.0, 0.0]}}, {"model": "m2", "parameters": {"weight": [0.0, 1.0]}}]}
+        {"merge_method": "linear", "models": [{"model": "m1", "parameters": {"weight": [1.0, 0.0]}},
+                                              {"model": "m2", "parameters": {"weight": [0.0, 1.0]}}]}
     )
     bf = {m: sd for m, sd in SDS.items() if m != "b"}
     l0 = "model.layers.0.mlp.up_proj.weight"
@@ -86,7 +87,8 @@ def test_vocab_rule_merges_shared_rows_keeps_reference_extra_rows():
 
 
 def test_shape_mismatch_outside_vocab_names_tensor_and_model():
-    r = MergeRecipe.model_validate({"merge_method": "linear", "models": [{"model": "m1", "parameters": {"weight": 1}}, {"model": "m2", "parameters": {"weight": 1}}]})
+    r = MergeRecipe.model_validate({"merge_method": "linear",
+                                    "models": [{"model": "m1", "parameters": {"weight": 1}}, {"model": "m2", "parameters": {"weight": 1}}]})
     with pytest.raises(MergeError, match=r"model.layers.0.mlp.up_proj.weight.*'m2'"):
         merge_tensor(r, "model.layers.0.mlp.up_proj.weight", {"m1": torch.zeros(8, 4), "m2": torch.zeros(8, 5)}, num_layers=2)
 

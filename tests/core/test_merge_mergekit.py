@@ -40,7 +40,8 @@ def _configs(f):
     return {
         "linear": {
             "merge_method": "linear",
-            "models": [{"model": m1, "parameters": {"weight": [0.2, 0.9]}}, {"model": m2, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.3}}],
+            "models": [{"model": m1, "parameters": {"weight": [0.2, 0.9]}}, {"model": m2, "parameters": {"weight": 0.5}},
+                       {"model": b, "parameters": {"weight": 0.3}}],
             "dtype": "float32",
         },
         "linear_unnormalized": {
@@ -52,7 +53,8 @@ def _configs(f):
         "task_arithmetic": {
             "merge_method": "task_arithmetic",
             "base_model": b,
-            "models": [{"model": m1, "parameters": {"weight": 0.55}}, {"model": m2, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": [0.2, 0.6]}]}}],
+            "models": [{"model": m1, "parameters": {"weight": 0.55}},
+                       {"model": m2, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": [0.2, 0.6]}]}}],
             "parameters": {"lambda": 0.8},
             "dtype": "float32",
         },
@@ -70,7 +72,8 @@ def _configs(f):
         "ties_unnormalized": {
             "merge_method": "ties",
             "base_model": b,
-            "models": [{"model": m1, "parameters": {"weight": 0.83, "density": 0.47}}, {"model": m2, "parameters": {"weight": 0.72, "density": 0.51}}],
+            "models": [{"model": m1, "parameters": {"weight": 0.83, "density": 0.47}},
+                       {"model": m2, "parameters": {"weight": 0.72, "density": 0.51}}],
             "parameters": {"normalize": False},
             "dtype": "float32",
         },
@@ -78,7 +81,8 @@ def _configs(f):
             "merge_method": "slerp",
             "base_model": b,
             "models": [{"model": b}, {"model": m1}],
-            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]}, {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]},
+            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                                 {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]},
             "dtype": "float32",
         },
     }

@@ -85,5 +85,6 @@ def test_plan_rejects_bad_recipes(kw, match):
 
 
 def test_linear_takes_unlisted_base_as_an_input_like_mergekit():
-    plan = plan_recipe(MergeRecipe.model_validate({"merge_method": "linear", "base_model": "b", "models": [{"model": "a"}], "parameters": {"weight": 1}}))
+    plan = plan_recipe(MergeRecipe.model_validate({"merge_method": "linear", "base_model": "b", "models": [{"model": "a"}],
+                                                   "parameters": {"weight": 1}}))
     assert plan.inputs == ("a", "b") and plan.base is None and plan.reference == "b"

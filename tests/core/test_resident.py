@@ -43,7 +43,8 @@ def _recipes(f) -> dict[str, MergeRecipe]:
             {"model": m1, "parameters": {"weight": 0.3}}, {"model": m2, "parameters": {"weight": grad}}],
             "parameters": {"normalize": True}},
         "linear": {"merge_method": "linear", "models": [
-            {"model": m1, "parameters": {"weight": grad}}, {"model": m2, "parameters": {"weight": 0.4}}, {"model": b, "parameters": {"weight": 0.1}}]},
+            {"model": m1, "parameters": {"weight": grad}}, {"model": m2, "parameters": {"weight": 0.4}},
+            {"model": b, "parameters": {"weight": 0.1}}]},
         "slerp": {"merge_method": "slerp", "base_model": b, "models": [{"model": b}, {"model": m1}], "parameters": {"t": grad}},
     }
     return {k: MergeRecipe.model_validate(v) for k, v in raw.items()}

@@ -54,7 +54,7 @@ def run_checks(device: str) -> int:
                 assert triton_merge._bracket_cuts(base, ms, [k] * models) == got
             for x, cut in zip(ms, got):
                 keys = (x.float() - base.float()).to(torch.bfloat16).view(torch.int16).bitwise_and(0x7FFF)
-                want = kernels.magnitude_cut(keys, k, lambda idx, x=x: (x.float()[idx] - base.float()[idx]).abs())
+                want = kernels.magnitude_cut(keys, k, lambda idx, x=x, base=base: (x.float()[idx] - base.float()[idx]).abs())
                 assert (cut.threshold, cut.cut) == (want.threshold, want.cut), (n, density, cut, want)
                 d = (x.float() - base.float()).abs()
                 kept = (d > cut.threshold) | ((d == cut.threshold) & (torch.arange(n, device=dev) < cut.cut))
