@@ -8,7 +8,9 @@ A run is resumable because everything it needs is in the run store:
   the genome, the sources' revisions and the evaluation config, reused instead of evaluated
   again;
 - ``lease.json``: one writer per run key (acquired at start, renewed every generation and by a
-  heartbeat thread, released at the end).
+  heartbeat thread, released at the end; runs/lease.py).
+
+Storage reads and writes here are retried on transient failures (runs/retries.py).
 
 :func:`open_run` checks storage access, takes the lease, checks the stored config against the
 new one (only a budget change is allowed) and loads the state to continue from.
@@ -20,21 +22,18 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import re
-import socket
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from evomerge_core.runs import faults
 from evomerge_core.config.schema import RunConfig, parse_run_config
 from evomerge_core.errors import ConfigError, StorageError, UsageError
-from evomerge_core.io.host import pid_alive
 from evomerge_core.runs.layout import RESULT, open_store, stored_config
+from evomerge_core.runs.lease import LeaseKeeper, ensure_lease_free, holder_is_gone as holder_is_gone  # re-exported
+from evomerge_core.runs.retries import with_retries
 from evomerge_core.runs.store import (
     CorruptObjectError,
     RunStore,
@@ -43,63 +42,10 @@ from evomerge_core.runs.store import (
 )
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # What a resume may change: the budget (more generations or evaluations), and how the storage
 # URL is spelled (the run was found there, so it is the same place).
 ALLOWED_CHANGES = frozenset({"optimizer.generations", "optimizer.evaluations", "storage", "runtime.task_runner"})
-LEASE_TTL_ENV = "EVOMERGE_LEASE_TTL_S"
-RETRY_ENV = "EVOMERGE_STORAGE_RETRY_S"
-DEFAULT_LEASE_TTL_S = 600.0
-DEFAULT_RETRY_S = 120.0
-_TRANSIENT = re.compile(
-    r"Could not connect|EndpointConnectionError|ConnectTimeout|ReadTimeout|ConnectionClosed|"
-    r"Connection (reset|refused|aborted)|ServerDisconnected|ClientOSError|ClientConnector|"
-    r"ServiceUnavailable|Service Unavailable|SlowDown|InternalError|Internal Server Error|"
-    r"RequestTimeout|timed out|Broken pipe|\b50[0234]\b",
-    re.IGNORECASE,
-)
-
-
-# Retries ------------------------------------------------------------------------------------
-def is_transient(exc: BaseException) -> bool:
-    """Whether a storage failure may go away by itself (connection refused or reset, timeouts,
-    5xx answers); bad credentials, a missing bucket or a corrupt object never do."""
-    return (isinstance(exc, StorageError) and not isinstance(exc, CorruptObjectError)
-            and bool(_TRANSIENT.search(str(exc))))
-
-
-def _float_env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"{name}={raw!r} is not a number of seconds; unset it or give e.g. 120.") from None
-    if value < 0:
-        raise UsageError(f"{name}={raw!r} is negative; give a number of seconds >= 0.")
-    return value
-
-
-def with_retries(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
-    """Call ``fn``; on a transient storage failure retry with exponential backoff (1, 2, 4 ...
-    30 s) for up to ``budget_s`` (default ``EVOMERGE_STORAGE_RETRY_S`` or 120 s), then raise
-    the last error. Other errors are raised at once."""
-    budget = _float_env(RETRY_ENV, DEFAULT_RETRY_S) if budget_s is None else budget_s
-    deadline = time.monotonic() + budget
-    delay = 1.0
-    while True:
-        try:
-            return fn()
-        except StorageError as exc:
-            left = deadline - time.monotonic()
-            if not is_transient(exc) or left <= 0:
-                raise
-            logger.warning("storage unavailable while trying to %s (%s); retrying in %.0f s", what, exc,
-                           min(delay, left))
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 30.0)
 
 
 # Candidate cache keys -----------------------------------------------------------------------
@@ -249,77 +195,6 @@ def _finished(store: RunStore) -> bool:
     except CorruptObjectError as exc:
         logger.warning("%s The end of the run is written again.", exc)
         return False
-
-
-# Lease --------------------------------------------------------------------------------------
-def holder_is_gone(lease: dict[str, Any]) -> bool:
-    """True when a lease names a process on this host that no longer runs (it was killed):
-    such a lease is taken over at once instead of waiting for it to expire."""
-    pid = lease.get("pid")
-    if lease.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
-        return False
-    return not pid_alive(pid)  # a zombie (killed, not yet reaped) is gone too
-
-
-def ensure_lease_free(store: RunStore) -> None:
-    """Raise :class:`StorageError` if a live run holds the run key's lease (a check before
-    starting; the flow then takes the lease itself)."""
-    lease = store.read_lease()
-    if lease is None or lease["expires_at"] <= time.time() or holder_is_gone(lease):
-        return
-    left = lease["expires_at"] - time.time()
-    raise StorageError(
-        f"run is already in progress: {store.url('lease.json')} is held by owner {lease.get('owner')!r} "
-        f"(host {lease.get('host')!r}, pid {lease.get('pid')}) for another {left:.0f} s; wait for that "
-        "run to finish (or its lease to expire), or use another run key."
-    )
-
-
-class LeaseKeeper:
-    """Holds a run's lease: acquire, renew (each generation, and from a heartbeat thread every
-    ttl/4 so a long generation never lets it expire), release."""
-
-    def __init__(self, store: RunStore, owner: str, ttl_s: float | None = None) -> None:
-        self.store = store
-        self.owner = owner
-        self.ttl_s = ttl_s if ttl_s is not None else _float_env(LEASE_TTL_ENV, DEFAULT_LEASE_TTL_S)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> None:
-        """Take the lease (a dead process's lease on this host is taken over)."""
-        with_retries(lambda: self.store.acquire_lease(self.owner, self.ttl_s, takeover_if=holder_is_gone),
-                     "acquire the run lease")
-
-    def renew(self) -> None:
-        """Extend the lease; StorageError if it was lost (another run took it over)."""
-        with self._lock:
-            with_retries(lambda: self.store.renew_lease(self.owner, self.ttl_s), "renew the run lease")
-
-    def start_heartbeat(self) -> None:
-        """Renew the lease every ttl/4 in a daemon thread until :meth:`release`."""
-        def beat() -> None:
-            while not self._stop.wait(self.ttl_s / 4):
-                try:
-                    self.renew()
-                except StorageError as exc:  # the flow's own renew each generation raises it
-                    logger.warning("lease heartbeat failed: %s", exc)
-
-        self._thread = threading.Thread(target=beat, name="evomerge-lease", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lease (best effort: a failure is logged, and the
-        lease then expires after its ttl)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        try:
-            with self._lock:
-                with_retries(lambda: self.store.release_lease(self.owner), "release the run lease", budget_s=10)
-        except StorageError as exc:
-            logger.warning("could not release the run lease (it expires in at most %.0f s): %s", self.ttl_s, exc)
 
 
 # Opening a run ------------------------------------------------------------------------------

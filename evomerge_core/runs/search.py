@@ -19,7 +19,8 @@ from evomerge_core.optim.cmaes import CMAES
 from evomerge_core.runs import faults
 from evomerge_core.runs.layout import RESULT as RESULT, open_store as open_store, stored_config  # RESULT, open_store: re-exported
 from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
-from evomerge_core.runs.resume import check_before_start, with_retries
+from evomerge_core.runs.resume import check_before_start
+from evomerge_core.runs.retries import with_retries
 from evomerge_core.runs.store import RunStore
 from evomerge_core.spaces import PSSpace
 
@@ -132,7 +133,7 @@ def checkpoint(store: RunStore, generation: int, records: Sequence[CandidateReco
                extra: dict[str, Any] | None = None) -> None:
     """Write the generation record (with `extra` entries, e.g. the budget state), then
     `latest.json` (last, so it only names complete generations); transient storage failures
-    are retried (`resume.with_retries`)."""
+    are retried (`retries.with_retries`)."""
     latest = _latest_record(generation, best, evaluations)
     record = {"generation": generation, "summary": summary.to_dict(), "candidates": [r.to_dict() for r in records],
               "optimizer_state": optimizer_state, **(extra or {})}
