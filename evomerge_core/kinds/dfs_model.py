@@ -91,7 +91,8 @@ class DataflowModel(nn.Module):
         self._hops: list[tuple[nn.Module, float, str]] = []
 
     @classmethod
-    def from_pretrained(cls, path_a: str | Path, path_b: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DataflowModel:
+    def from_pretrained(cls, path_a: str | Path, path_b: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> DataflowModel:
         """Load A and B from local model dirs (B's embeddings and head are not kept)."""
         from transformers import AutoModelForCausalLM  # deferred: transformers is heavy
 

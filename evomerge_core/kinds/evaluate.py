@@ -1,5 +1,5 @@
-"""Candidate -> fitness record (PS and DFS spaces; train minibatches, validation and test splits). A candidate that fails (an exception while merging or
-scoring, NaN/inf logits, a non-finite fitness) is recorded with the worst fitness and its error,
+"""Candidate -> fitness record (PS and DFS spaces; train minibatches, validation and test splits).
+A candidate that fails (an exception while merging or scoring, NaN/inf logits, a non-finite fitness) is recorded with the worst fitness and its error,
 and the run goes on.
 
 Running out of memory (CUDA or CPU) is not a property of the candidate but of the device and

@@ -13,7 +13,7 @@ Every LM tensor maps to the *canonical* name an LLM of the same family uses
 merge recipe runs on canonical names with the VLM's LM as one more model. Tensors that are not
 the LM's (vision tower, projector, anything else) are never merged: they are copied bit for bit.
 Adding a family (Qwen2-VL, Idefics, Gemma 3) is one `VLMFamily` entry plus a test.
-"""
+"""  # noqa: E501 - the table's rows
 
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def validate_vlm_sources(sources: Mapping[str, Path | str], *, vlm: str) -> VLMS
             vocab_only = arch.is_vocab_tensor(name) and len(got) == len(shape) and got[1:] == shape[1:]
             if not vocab_only:
                 raise SourceError(
-                    f"tensor {name} has shape {list(got)} in model {ref!r} but {list(shape)} in the language model of VLM {vlm!r}; the models cannot be merged"
+                    f"tensor {name} has shape {list(got)} in model {ref!r} but {list(shape)} in the language model of "
+                    f"VLM {vlm!r}; the models cannot be merged"
                 )
     try:
         layers = arch.num_hidden_layers(text)

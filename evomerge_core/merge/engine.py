@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from evomerge_core.sources.architectures import is_vocab_tensor, layer_index
 from evomerge_core.errors import MergeError
+from evomerge_core.io.dtypes import parse_dtype  # also imported from here by callers (flows/cmd_merge, kinds)
 from evomerge_core.io.model_dir import ModelDirWriter, check_target, set_config_dtype
 from evomerge_core.io.model_files import TOKENIZER_FILES, PlannedTensor
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
@@ -30,26 +31,6 @@ from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_pa
 from evomerge_core.merge.recipe import MergeRecipe
 from evomerge_core.merge.sparsify import tensor_seed
 from evomerge_core.sources.resolve import validate_sources
-
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """A torch dtype from its name (float32, float16, bfloat16, ...)."""
-    try:
-        return DTYPE_NAMES[str(name).lower().removeprefix("torch.")]
-    except KeyError:
-        raise MergeError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16") from None
-
 
 def tensor_generator(seed: int, tensor_name: str, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch.Generator seeded with `tensor_seed` (for callers that want torch random draws)."""
@@ -77,7 +58,8 @@ def _merge_planned(plan: MergePlan, tensor_name: str, tensors: Mapping[str, torc
             rows = min(rows if rows is not None else ref_shape[0], shape[0])
             continue
         raise MergeError(
-            f"tensor {tensor_name} has shape {list(shape)} in model {model!r} but {list(ref_shape)} in {plan.reference!r}; the models cannot be merged"
+            f"tensor {tensor_name} has shape {list(shape)} in model {model!r} but {list(ref_shape)} in {plan.reference!r}; "
+            "the models cannot be merged"
         )
     global_params, model_params = resolve_tensor_params(plan, tensor_name, num_layers)
     if out is None:

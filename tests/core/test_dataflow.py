@@ -97,7 +97,8 @@ def logits(model, batch) -> torch.Tensor:
 
 
 def random_recipe(rng: random.Random, la: int = 3, lb: int = 3, scaled: bool = True) -> DFSRecipe:
-    middle = [DFSHop(model=rng.choice("ab"), layer=rng.randrange(3), scale=rng.uniform(0.2, 1.8) if scaled else 1.0) for _ in range(rng.randint(0, 5))]
+    middle = [DFSHop(model=rng.choice("ab"), layer=rng.randrange(3), scale=rng.uniform(0.2, 1.8) if scaled else 1.0)
+              for _ in range(rng.randint(0, 5))]
     first = DFSHop(model="a", layer=0, scale=rng.uniform(0.2, 1.8) if scaled else 1.0)
     last = DFSHop(model="a", layer=la - 1, scale=rng.uniform(0.2, 1.8) if scaled else 1.0)
     return DFSRecipe(model_a="A", model_b="B", path=[first, *middle, last])
@@ -201,7 +202,8 @@ def test_export_loads_generates_and_scores_like_dynamic(pair, dyn, tmp_path):
     assert generated.shape == (1, enc["input_ids"].shape[1] + 6)
     dyn.set_recipe(recipe)
     prompts = ["abc", "hello there", "x"]
-    assert greedy_generate(dyn, tok, prompts, max_new_tokens=6, stop_strings=()) == greedy_generate(model.eval(), tok, prompts, max_new_tokens=6, stop_strings=())
+    got = greedy_generate(dyn, tok, prompts, max_new_tokens=6, stop_strings=())
+    assert got == greedy_generate(model.eval(), tok, prompts, max_new_tokens=6, stop_strings=())
     lp_dyn = answer_logprobs(dyn, tok, prompts, ["ab", "c", "yz"])
     lp_exp = answer_logprobs(model, tok, prompts, ["ab", "c", "yz"])
     assert max(abs(x - y) for x, y in zip(lp_dyn, lp_exp)) <= 1e-4
@@ -211,7 +213,8 @@ def test_tied_embeddings_are_untied_when_the_first_scale_folds_in(tmp_path, batc
     a = make_llama(tmp_path / "ta", 31, tied=True)
     b = make_llama(tmp_path / "tb", 32, tied=True)
     dyn = DataflowModel.from_pretrained(a, b)
-    scaled = DFSRecipe(model_a="A", model_b="B", path=[DFSHop(model="a", layer=0, scale=0.5), DFSHop(model="b", layer=2, scale=1.5), DFSHop(model="a", layer=2)])
+    scaled = DFSRecipe(model_a="A", model_b="B",
+                       path=[DFSHop(model="a", layer=0, scale=0.5), DFSHop(model="b", layer=2, scale=1.5), DFSHop(model="a", layer=2)])
     out = materialise_dfs(scaled, {"A": a, "B": b}, tmp_path / "untied")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
