@@ -15,6 +15,7 @@ from typing import Any
 from evomerge_core.runs import search as evolution
 from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import EvomergeError
+from evomerge_core.runs.records import RunResult
 
 
 def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
@@ -42,8 +43,7 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
             raise EvomergeError(f"stage {i} ({cfg.stage_name(i)}) wrote no best model; later stages need it as a source")
         best_models[i] = result["best_model"]
         results.append(result)
-    final = dict(results[-1])
-    final.update(
+    final = RunResult.from_dict(results[-1]).replace(
         run_key=key,
         config_hash=cfg.config_hash(),
         stages=[_stage_summary(cfg, i, s, r) for i, (s, r) in enumerate(zip(stages, results))],
@@ -52,8 +52,8 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
         evaluations=sum(r["evaluations"] for r in results),
     )
     url = write_result(cfg, final)
-    print(f"{key}: best fitness {final['best_fitness']:.4f} after {len(results)} stages; result: {url}", flush=True)
-    return final
+    print(f"{key}: best fitness {final.best_fitness:.4f} after {len(results)} stages; result: {url}", flush=True)
+    return final.to_dict()
 
 
 def _stage_summary(cfg: RunConfig, index: int, stage: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
