@@ -19,11 +19,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/evomerge demo
 
+# Two worker processes, each test file on one of them (module fixtures are built once), in the
+# order given (xdist would otherwise start with the files of most tests): the slow directories
+# first so the two workers share them, and the many short core files fill in at the end.
+TEST_ORDER := tests/integration tests/flows tests/core
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(XDIST) $(TEST_ORDER)
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(TEST_ORDER)
 
 # ruff on the whole repo (< 2 s) and mypy on the core's typed modules (pyproject's [tool.mypy] files)
 lint: $(STAMP)
