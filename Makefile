@@ -25,8 +25,10 @@ demo: $(STAMP)
 TEST_ORDER := tests/integration tests/flows tests/core
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
+# Tests marked `serial` run alone afterwards; both runs report, either failing fails the target.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST) $(TEST_ORDER)
+	rc=0; $(BIN)/python -m pytest -q $(XDIST) -m "not serial" $(TEST_ORDER) || rc=$$?; \
+	$(BIN)/python -m pytest -q -m serial $(TEST_ORDER) || rc=$$?; exit $$rc
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(TEST_ORDER)

@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# serial: a killed run's slot lease (60 s) must outlive the re-run's start, which CPU contention
+# from a parallel test worker can stretch past it (`make test` runs serial tests alone, at the end)
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
