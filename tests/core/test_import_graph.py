@@ -173,7 +173,7 @@ def _one_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 def undeclared_local_imports(root: Path, package: str = CORE) -> list[str]:
     """`path:line: statement` for every function-local import without a `# deferred:` reason."""
     bad = []
-    for module, path in _modules(root, package).items():
+    for path in _modules(root, package).values():
         lines = path.read_text(encoding="utf-8").splitlines()
         tree = ast.parse("\n".join(lines), filename=str(path))
         for node in _function_local(tree):
