@@ -67,6 +67,9 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def values(self) -> list[T]:
+        return list(self._entries.values())
+
     def __getitem__(self, name: str) -> T:
         return self.get(name)
 
