@@ -41,3 +41,36 @@ def test_the_documented_merge_method_merges_through_a_recipe(registered_example)
     out = torch.zeros(2, 2)
     assert registered_example([a["w"], b["w"]], model_params=[{"weight": 1.0}] * 2, out=out) is out
     torch.testing.assert_close(out, torch.tensor([[2.0, -2.0], [3.0, 4.0]]))
+
+
+@pytest.fixture
+def registered_scorer():
+    from evomerge_core.fitness.registry import SCORERS
+
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    example = next(b for b in blocks if "register_scorer" in b)
+    before = set(SCORERS)
+    exec(compile(example, str(DOC), "exec"), {})
+    assert set(SCORERS) - before == {"answer_in_output"}
+    yield
+    SCORERS.remove("answer_in_output")
+
+
+def test_the_documented_scorer_is_a_config_scorer_and_scores(registered_scorer):
+    from evomerge_core.config.schema import parse_run_config
+    from evomerge_core.fitness.registry import ScoreContext, get_scorer
+
+    scorer = get_scorer("answer_in_output")
+    assert scorer.is_accuracy
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    ctx = ScoreContext(model=None, tokenizer=None, rows=rows, prompts=[r["prompt"] for r in rows],
+                       cache={"outputs": ["it is 2", "five"]})
+    assert scorer(ctx) == {"fitness": 0.5}
+    config = parse_run_config({
+        "run_key": "doc-scorer", "storage": "file:///tmp/never-written",
+        "sources": [{"model": "/m/base", "base": True}, {"model": "/m/a"}],
+        "space": {"ps": {"method": "linear", "params": ["weight"]}},
+        "optimizer": {"evaluations": 4},
+        "fitness": {"scorer": "answer_in_output", "dataset": {"path": "/d/train.jsonl"}},
+    })
+    assert config.fitness.scorer == "answer_in_output"
