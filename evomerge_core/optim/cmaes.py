@@ -51,6 +51,12 @@ class _GeneratorRandn:
         self.rng.bit_generator.state = state["bit_generator"]
 
 
+# Stored optimizer states name the generator wrapper by the module it was pickled under: run
+# stores written before the core was regrouped say `evomerge_core.optim` (then a module), and the
+# wrapper keeps that name so states written now are byte-identical to theirs.
+_GeneratorRandn.__module__ = "evomerge_core.optim"
+_GENERATOR_MODULES = {"evomerge_core.optim", __name__}
+
 # Functions (not classes) that a pickled CMAEvolutionStrategy refers to.
 _ALLOWED_FUNCTIONS = {
     ("numpy.linalg", "eigh"),
@@ -75,7 +81,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_FUNCTIONS:
             return super().find_class(module, name)
-        if module == __name__ and name == "_GeneratorRandn":
+        if module in _GENERATOR_MODULES and name == "_GeneratorRandn":
             return _GeneratorRandn
         if (module, name) in {("numpy", "dtype"), ("numpy", "ndarray")} or (
             module.startswith("numpy.dtypes") and name.endswith("DType")

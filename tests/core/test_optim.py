@@ -95,3 +95,20 @@ def test_restricted_unpickler_refuses_foreign_objects():
     state["cma_pickle_b64"] = base64.b64encode(pickle.dumps(os.system)).decode()
     with pytest.raises(StorageError, match="not allowed"):
         CMAES.from_state_dict(state)
+
+
+def test_an_optimizer_state_stored_before_the_core_was_regrouped_still_resumes():
+    """Run stores written when the optimizer lived in `evomerge_core/optim.py` (commit 9d78a7b,
+    generation 0 of examples/toyworld-ps.yaml) name the generator `evomerge_core.optim._GeneratorRandn`;
+    they load, ask the same next generation on every load, and states written now use that name too."""
+    import base64
+    from pathlib import Path
+
+    stored = json.loads((Path(__file__).parent / "data" / "optimizer_state_before_regroup.json").read_text())
+    assert b"evomerge_core.optim\n" in base64.b64decode(stored["cma_pickle_b64"]) or \
+        b"evomerge_core.optim\x94" in base64.b64decode(stored["cma_pickle_b64"])
+    first = CMAES.from_state_dict(stored)
+    second = CMAES.from_state_dict(stored)
+    np.testing.assert_array_equal(np.array(first.ask()), np.array(second.ask()))
+    rewritten = base64.b64decode(first.state_dict()["cma_pickle_b64"])
+    assert b"evomerge_core.optim.cmaes" not in rewritten and b"_GeneratorRandn" in rewritten
