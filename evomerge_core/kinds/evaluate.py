@@ -17,7 +17,8 @@ from __future__ import annotations
 import gc
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -125,11 +126,7 @@ class CandidateEvaluator:
             record["values"] = self.space.describe(genome)
             recipe = self.space.decode(genome)
             record["recipe"] = recipe.to_yaml_dict()
-            with self.runner.lock, generation_backend(self.config.runtime.generation):
-                self.runner.apply(recipe)
-                faults.candidate_merged(self.runner.model)
-                if not fitness.scorer.checks_logits:  # else the scorer's own forward passes check
-                    check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
+            with self._applied(recipe, fitness):
                 scores = fitness.score(self.runner.model, self.runner.tokenizer, recipe=recipe, genome=list(genome),
                                        processor=getattr(self.runner, "processor", None))
             record.update(fitness=scores["fitness"], accuracy=scores["accuracy"], metrics=scores["metrics"],
@@ -146,6 +143,17 @@ class CandidateEvaluator:
         record["seconds"] = round(time.perf_counter() - started, 4)
         return record
 
+    @contextmanager
+    def _applied(self, recipe: Any, fitness: Fitness) -> Iterator[Resident]:
+        """The resident model with `recipe` applied, held (its lock) until scoring is done; the
+        fault hook runs and the logits are checked first unless the scorer checks them itself."""
+        with self.runner.lock, generation_backend(self.config.runtime.generation):
+            self.runner.apply(recipe)
+            faults.candidate_merged(self.runner.model)
+            if not fitness.scorer.checks_logits:  # else the scorer's own forward passes check
+                check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
+            yield self.runner
+
     def evaluate_items(self, genome: Sequence[float] | None, items: Sequence[int], *, generation: int, index: int,
                        max_new_tokens: Sequence[int] | None = None, recipe: Any = None) -> dict[str, Any]:
         """Per-item values of one genome (or of `recipe`, e.g. a source alone) on the training
@@ -161,11 +169,7 @@ class CandidateEvaluator:
                 out["values"] = self.space.describe(genome)
                 recipe = self.space.decode(genome)
             out["recipe"] = recipe.to_yaml_dict()
-            with self.runner.lock, generation_backend(self.config.runtime.generation):
-                self.runner.apply(recipe)
-                faults.candidate_merged(self.runner.model)
-                if not fitness.scorer.checks_logits:
-                    check_logits(self.runner.model, self.runner.tokenizer, fitness.prompts[:1])
+            with self._applied(recipe, fitness):
                 scored = fitness.score_items(self.runner.model, self.runner.tokenizer, recipe=recipe,
                                              genome=None if genome is None else list(genome),
                                              processor=getattr(self.runner, "processor", None),
