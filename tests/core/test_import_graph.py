@@ -272,3 +272,15 @@ def test_the_cycle_check_sees_package_inits_run_on_the_way(tmp_path):
 def test_the_local_import_check_wants_a_reason(tmp_path, source, expected):
     _write(tmp_path, {"pkg/__init__.py": "", "pkg/x.py": source})
     assert undeclared_local_imports(tmp_path, "pkg") == expected
+
+
+def test_the_public_generation_entry_points_keep_their_import_path():
+    """`evomerge_core.generation.greedy_generate` (and its siblings) are public: user scorers
+    import them from there, whatever module the loop lives in."""
+    import evomerge_core.generation as generation
+    from evomerge_core.generation.hf_loop import answer_logprobs, greedy_generate, truncate_at_stop
+
+    assert generation.greedy_generate is greedy_generate
+    assert generation.answer_logprobs is answer_logprobs
+    assert generation.truncate_at_stop is truncate_at_stop
+    assert truncate_at_stop("12\nrest", ["\n"]) == "12"
