@@ -3,30 +3,19 @@ is used by a recipe through the merge engine."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
+from doc_examples import registered_by_doc_example
 
 from evomerge_core.merge.engine import merge_state_dicts
 from evomerge_core.merge.methods import MERGE_METHODS
 from evomerge_core.merge.recipe import MergeRecipe
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
-
-
 @pytest.fixture
 def registered_example():
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
-    example = next(b for b in blocks if "register_method" in b)
-    before = set(MERGE_METHODS)
-    exec(compile(example, str(DOC), "exec"), {})
-    added = set(MERGE_METHODS) - before
-    assert added == {"geometric_mean"}
-    yield MERGE_METHODS["geometric_mean"]
-    for name in added:
-        del MERGE_METHODS[name]
+    with registered_by_doc_example("architecture.md", "register_method", MERGE_METHODS) as added:
+        assert added == {"geometric_mean"}
+        yield MERGE_METHODS["geometric_mean"]
 
 
 def test_the_documented_merge_method_merges_through_a_recipe(registered_example):
@@ -47,13 +36,9 @@ def test_the_documented_merge_method_merges_through_a_recipe(registered_example)
 def registered_scorer():
     from evomerge_core.fitness.registry import SCORERS
 
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
-    example = next(b for b in blocks if "register_scorer" in b)
-    before = set(SCORERS)
-    exec(compile(example, str(DOC), "exec"), {})
-    assert set(SCORERS) - before == {"answer_in_output"}
-    yield
-    SCORERS.remove("answer_in_output")
+    with registered_by_doc_example("architecture.md", "register_scorer", SCORERS) as added:
+        assert added == {"answer_in_output"}
+        yield
 
 
 def test_the_documented_scorer_is_a_config_scorer_and_scores(registered_scorer):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
+from doc_examples import registered_by_doc_example
 
 from evomerge_core.errors import MergeError
 from evomerge_core.merge.methods import (
@@ -227,14 +226,8 @@ def test_a_new_task_vector_variant_is_one_declaration():
     from evomerge_core.merge.engine import merge_state_dicts
     from evomerge_core.merge.recipe import MergeRecipe
 
-    doc = Path(__file__).resolve().parents[2] / "docs" / "merging.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
-    example = next(b for b in blocks if "register_task_vector_method(" in b)
-    before = set(METHODS)
-    exec(compile(example, str(doc), "exec"), {})
-    added = set(METHODS) - before
-    assert added == {"magnitude_sum"}
-    try:
+    with registered_by_doc_example("merging.md", "register_task_vector_method(", METHODS) as added:
+        assert added == {"magnitude_sum"}
         m = get_method("magnitude_sum")
         assert (m.task_vector.sparsification, m.task_vector.consensus) == (Sparsification.MAGNITUDE, Consensus.NONE)
         assert m.model_params == ("weight", "density") and m.global_params["rescale"] is False
@@ -249,8 +242,5 @@ def test_a_new_task_vector_variant_is_one_declaration():
         })
         merged = merge_state_dicts(recipe, {"b": {"w": B}, "x1": {"w": X1}, "x2": {"w": X2}}, num_layers=1)["w"]
         assert torch.equal(merged.float(), expected)
-    finally:
-        for name in added:
-            METHODS.remove(name)
     with pytest.raises(MergeError, match="unknown merge method 'magnitude_sum'"):
         get_method("magnitude_sum")

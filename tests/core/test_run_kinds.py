@@ -4,7 +4,6 @@ kinds and the evaluator; the run-kind example of docs/architecture.md runs."""
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
 from pathlib import Path
@@ -24,9 +23,9 @@ from evomerge_core.kinds.llm import LLMKind
 from evomerge_core.kinds.vlm import VLMKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from doc_examples import registered_by_doc_example  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 FITNESS = {"dataset": {"path": "org/data"}, "scorer": "logprob"}
 PS = {"sources": [{"model": "org/base", "base": True}, {"model": "org/x"}], "fitness": FITNESS}
 VLM = {"sources": [{"model": "./vlm", "vlm": True, "base": True}, {"model": "./llm"}], "fitness": FITNESS}
@@ -150,15 +149,9 @@ def test_every_kind_s_resident_model_lives_in_the_one_cache(monkeypatch):
 @pytest.fixture
 def documented_kind():
     """docs/architecture.md's run-kind example, registered (and removed afterwards)."""
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
-    example = next(b for b in blocks if "RUN_KINDS.add" in b)
-    before = set(RUN_KINDS.names())
-    exec(compile(example, str(DOC), "exec"), {})
-    added = set(RUN_KINDS.names()) - before
-    assert added == {"shallow_llm"}
-    yield RUN_KINDS.get("shallow_llm")
-    for name in added:
-        RUN_KINDS.remove(name)
+    with registered_by_doc_example("architecture.md", "RUN_KINDS.add", RUN_KINDS) as added:
+        assert added == {"shallow_llm"}
+        yield RUN_KINDS.get("shallow_llm")
 
 
 def test_the_documented_run_kind_is_picked_and_checks_its_sources(documented_kind, tmp_path, monkeypatch):
