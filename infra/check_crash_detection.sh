@@ -5,27 +5,10 @@
 # crash), and the heartbeat automation must mark the run Crashed. Passes when it does within 180 s
 # of the kill. Everything it starts is stopped by PID on exit. About 3-4 minutes (not in the suite).
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-BIN=$REPO/.venv/bin
-[ -x "$BIN/prefect" ] || BIN=$(dirname "$(command -v prefect)")
-WORK=$(mktemp -d -t evomerge-crash-check-XXXXXX)
-PORT=$("$BIN/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-export PREFECT_HOME=$WORK/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false
-export PREFECT_API_URL=http://127.0.0.1:$PORT/api EVOMERGE_REPO=$REPO OMP_NUM_THREADS=1
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  sleep 3
-  for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "logs kept in $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
+source "$(dirname "$0")/prefect_sandbox.sh" evomerge-crash-check
+export OMP_NUM_THREADS=1
 
-setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$WORK/server.log" 2>&1 < /dev/null &
-PIDS+=($!)
-for _ in $(seq 1 180); do curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1 && break; sleep 1; done
-curl -fsS "$PREFECT_API_URL/health" >/dev/null || { tail -n 30 "$WORK/server.log"; exit 1; }
+start_prefect_server
 "$BIN/prefect" work-pool create evomerge-local --type process >/dev/null
 bash "$REPO/infra/deploy.sh" | tail -n 1
 setsid "$BIN/prefect" worker start --pool evomerge-local --limit 1 >"$WORK/worker.log" 2>&1 < /dev/null &

@@ -4,33 +4,10 @@
 # and `prefect deployment run` on a tiny run config; passes when the flow run completes and its
 # result.json is written. Everything it starts is stopped by PID on exit. About 1-3 minutes.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-BIN=$REPO/.venv/bin
-[ -x "$BIN/prefect" ] || BIN=$(dirname "$(command -v prefect)")
-WORK=$(mktemp -d -t evomerge-deploy-check-XXXXXX)
-PORT=$("$BIN/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-export PREFECT_HOME=$WORK/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false
-export PREFECT_API_URL=http://127.0.0.1:$PORT/api EVOMERGE_REPO=$REPO
-PIDS=()
-
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  done
-  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "logs kept in $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
+source "$(dirname "$0")/prefect_sandbox.sh" evomerge-deploy-check
 
 echo "check_deployment: Prefect server on 127.0.0.1:$PORT (home $PREFECT_HOME)"
-setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$WORK/server.log" 2>&1 < /dev/null &
-PIDS+=($!)
-for _ in $(seq 1 180); do curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1 && break; sleep 1; done
-curl -fsS "$PREFECT_API_URL/health" >/dev/null || { tail -n 30 "$WORK/server.log"; exit 1; }
+start_prefect_server
 
 "$BIN/prefect" work-pool create evomerge-local --type process >/dev/null
 "$BIN/python" - "$WORK" <<'PY'
