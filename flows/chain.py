@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evomerge_core.runs import search as evolution
+from evomerge_core.runs import layout, search
 from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import EvomergeError
 from evomerge_core.runs.records import RunResult
@@ -24,7 +24,7 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     from evomerge.tasks.evolve import write_result
 
     assert cfg.stages is not None
-    evolution.prepare_run(cfg, resume=resume)
+    search.prepare_run(cfg, resume=resume)
     key = cfg.effective_run_key()
     best_models: dict[int, str] = {}
     results: list[dict[str, Any]] = []
@@ -32,7 +32,7 @@ def run_chain(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     for i in range(len(cfg.stages)):
         stage = cfg.stage_config(i, best_models)
         stages.append(stage)
-        done = evolution.open_store(stage).read_json(evolution.RESULT) if resume else None
+        done = layout.open_store(stage).read_json(layout.RESULT) if resume else None
         if done is not None:
             print(f"{key}: stage {i} ({cfg.stage_name(i)}) already finished; reusing its result", flush=True)
             result = done

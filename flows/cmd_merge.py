@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from evomerge_core.io.model_dir import check_not_a_source, check_out_dir, remove_stale_temp_dirs
-from evomerge_core.merge.engine import check_device, check_shard_size, merge_to_dir, parse_dtype
+from evomerge_core.io.dtypes import parse_dtype
+from evomerge_core.merge.engine import check_device, check_shard_size, merge_to_dir
 from evomerge_core.sources.architectures import num_hidden_layers
 from evomerge_core.errors import ConfigError
 from evomerge_core.io.model_files import read_config

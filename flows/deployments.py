@@ -126,8 +126,8 @@ def _holder_dead(config: RunConfig) -> bool:
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from evomerge_core.runs.search import open_store
-    from evomerge_core.runs.resume import holder_is_gone
+    from evomerge_core.runs.layout import open_store
+    from evomerge_core.runs.lease import holder_is_gone
 
     try:
         lease = open_store(config).read_lease()
@@ -240,7 +240,7 @@ def _log_evomerge_warnings() -> None:
 def _run_evolve(config: RunConfig, resume: bool, key: str) -> Any:
     """The search in this flow run (idempotent: a finished run completes at once with its result);
     bad input is a Failed state (not retried) whose message names deployment parameters."""
-    from evomerge_core.runs.search import RESULT, open_store
+    from evomerge_core.runs.layout import RESULT, open_store
 
     _log_evomerge_warnings()
     try:
@@ -306,7 +306,7 @@ def resume_run(storage: str, run_key: str, generations: int | None = None) -> An
 
 def completed_event(config: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
     """The event that says the run `config` names has completed (resource `evomerge.run.<key>`)."""
-    from evomerge_core.runs.search import RESULT, open_store
+    from evomerge_core.runs.layout import RESULT, open_store
 
     store = open_store(config)
     key = config.effective_run_key()
@@ -337,7 +337,7 @@ def publish_run(storage: str, run_key: str, repo_id: str = "", private: bool = T
     from pathlib import Path
 
     from evomerge.flows.publish import publish
-    from evomerge_core.runs.search import RESULT
+    from evomerge_core.runs.layout import RESULT
     from evomerge_core.runs.store import RunStore
 
     store = RunStore(storage, run_key)

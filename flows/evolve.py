@@ -35,7 +35,7 @@ from evomerge.flows import budget
 from evomerge.flows.monitoring import RunMonitor
 from evomerge.flows.parameters import config_flow
 from evomerge.flows.runners import candidate_runner, candidate_slots, map_candidates
-from evomerge_core.runs import search as evolution
+from evomerge_core.runs import search
 from evomerge_core.config.schema import RunConfig, parse_run_config
 from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
 from evomerge_core.runs.resume import Run, candidate_keys, open_run
@@ -83,16 +83,16 @@ def _search(cfg: RunConfig, run: Run) -> RunResult:
     store, state = run.store, run.state
     sources = resolve_sources(cfg)
     space = build_space(cfg, num_layers=sources["num_layers"], num_layers_b=sources.get("num_layers_b"))
-    optimizer = evolution.make_optimizer(cfg, space)
+    optimizer = search.make_optimizer(cfg, space)
     if state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
     total = cfg.generations(optimizer.popsize)
     print(f"evolve {cfg.effective_run_key()}: {space.dim} parameters, population {optimizer.popsize}, "
           f"{total} generations -> {store.url()}", flush=True)
-    best = evolution.make_tracker(cfg)
+    best = search.make_tracker(cfg)
     for done in state.generations:
-        best.update(evolution.candidate_records(done["candidates"]), done["summary"].get("validation"))
-    history: list[CandidateRecord] = evolution.candidate_records(state.history)
+        best.update(search.candidate_records(done["candidates"]), done["summary"].get("validation"))
+    history: list[CandidateRecord] = search.candidate_records(state.history)
     summaries: list[GenerationSummary] = [GenerationSummary.from_dict(s) for s in state.summaries]
     if run.resumed:
         damaged = " (the newest checkpoint was damaged: fell back one generation)" if state.recovered else ""
@@ -117,17 +117,17 @@ def _search(cfg: RunConfig, run: Run) -> RunResult:
         optimizer.tell(genomes, [r.fitness for r in records])
         history.extend(records)
         validation = None
-        top_of_generation = evolution.generation_best(records)
+        top_of_generation = search.generation_best(records)
         if cfg.fitness.validation is not None and top_of_generation is not None:
             validation = evaluate_validation(cfg, sources["paths"], top_of_generation.genome, generation,
                                              top_of_generation.index)
         best.update(records, validation)
-        summary = evolution.summarise_generation(generation, records, time.perf_counter() - started, validation)
+        summary = search.summarise_generation(generation, records, time.perf_counter() - started, validation)
         summaries.append(summary)
         run.lease.renew()
         checkpoint(cfg, generation, records, optimizer.state_dict(), summary, best.record, len(history),
                    {"budget": budget_state.to_dict()} if budgeted else None)
-        print(evolution.progress_line(summary, total, best.record.fitness if best.record else None), flush=True)
+        print(search.progress_line(summary, total, best.record.fitness if best.record else None), flush=True)
         monitor.generation(records, summaries, best.record)
     first_error = next((r.error for r in history if r.error), None)
     top = best.require(len(history), first_error)
@@ -140,11 +140,11 @@ def _search(cfg: RunConfig, run: Run) -> RunResult:
     best_url = None
     if cfg.output.materialise_best:
         best_url = materialise_best(cfg, sources["paths"], sources["num_layers"], top.genome)
-    result = evolution.build_result(cfg, space, top, history, summaries, test, best_url)
+    result = search.build_result(cfg, space, top, history, summaries, test, best_url)
     if cfg.fitness.budget is not None:
         extra = [budget_state.sources] if budgeted and budget_state.sources else []
         result = result.replace(**budget.result_section(budget_state if budgeted else None, checks),
-                                cost=evolution.run_cost(history, extra + checks))
+                                cost=search.run_cost(history, extra + checks))
     url = write_result(cfg, result)
     monitor.finished(store.url("report/fitness.png") if cfg.output.report else None)
     print(f"evaluations: {counts['new']} new, {counts['reused']} reused from the run store, "

@@ -66,7 +66,7 @@ def publish_run_best(config: dict[str, Any], best_url: str | None, source_paths:
     from pathlib import Path
 
     from evomerge_core.config.schema import RunConfig
-    from evomerge_core.runs.search import open_store
+    from evomerge_core.runs.layout import open_store
 
     cfg = RunConfig.model_validate(config)
     target = cfg.output.publish

@@ -10,8 +10,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from evomerge_core.runs import search as evolution
-from evomerge_core.runs import resume
+from evomerge_core.runs import layout, resume, retries, search
 from evomerge_core.config.schema import RunConfig
 from evomerge_core.kinds import run_kind
 from evomerge_core.kinds.evaluate import get_evaluator
@@ -56,7 +55,7 @@ def _evaluate_and_store(cfg: RunConfig, paths: dict[str, str], genome: list[floa
                         key: str | None) -> CandidateRecord:
     if key is not None:  # already stored: Dask re-runs a task whose result died with its worker
         store = resume.store_for(cfg)
-        stored = resume.with_retries(lambda: store.get_candidate(key), "read a stored candidate")
+        stored = retries.with_retries(lambda: store.get_candidate(key), "read a stored candidate")
         if stored is not None:
             return CandidateRecord.from_dict(stored).at(generation, index)
     record = get_evaluator(cfg, paths).evaluate(genome, generation=generation, index=index)
@@ -117,7 +116,7 @@ def _stored(cfg: RunConfig, key: str | None) -> dict[str, Any] | None:
     if key is None:
         return None
     store = resume.store_for(cfg)
-    return resume.with_retries(lambda: store.get_candidate(key), "read a stored candidate")
+    return retries.with_retries(lambda: store.get_candidate(key), "read a stored candidate")
 
 
 @task(name="checkpoint", task_run_name="checkpoint-g{generation}", cache_policy=NO_CACHE)
@@ -125,8 +124,8 @@ def checkpoint(config: RunConfig, generation: int, records: list[CandidateRecord
                summary: GenerationSummary, best: CandidateRecord | None, evaluations: int,
                extra: dict[str, Any] | None = None) -> None:
     """Write the generation record (with `extra` entries) and `latest.json` to the run store."""
-    store = evolution.open_store(_config(config))
-    evolution.checkpoint(store, generation, records, optimizer_state, summary, best, evaluations, extra)
+    store = layout.open_store(_config(config))
+    search.checkpoint(store, generation, records, optimizer_state, summary, best, evaluations, extra)
 
 
 @task(name="evaluate_test", cache_policy=NO_CACHE)
@@ -149,7 +148,7 @@ def evaluate_validation(config: RunConfig, paths: dict[str, str], genome: list[f
 def materialise_best(config: RunConfig, paths: dict[str, str], num_layers: int, genome: list[float]) -> str:
     """Merge the best genome to `best/` (model dir + recipe.yaml + mergekit.yaml); returns its URL."""
     cfg = _config(config)
-    return run_kind(cfg).materialise_best(cfg, paths, num_layers, genome, evolution.open_store(cfg))
+    return run_kind(cfg).materialise_best(cfg, paths, num_layers, genome, layout.open_store(cfg))
 
 
 @task(name="write_result", cache_policy=NO_CACHE)
@@ -160,9 +159,9 @@ def write_result(config: RunConfig, result: RunResult | dict[str, Any]) -> str:
 
     cfg = _config(config)
     content = RunResult.from_dict(result).to_dict()
-    store = evolution.open_store(cfg)
+    store = layout.open_store(cfg)
     if cfg.output.report:
         with tempfile.TemporaryDirectory(prefix="evomerge-report-") as tmp:
             store.put_dir(write_report(Path(tmp) / "report", content, cfg.model_dump(mode="json")), "report")
-    resume.with_retries(lambda: store.write_json(evolution.RESULT, content), "write result.json")
-    return store.url(evolution.RESULT)
+    retries.with_retries(lambda: store.write_json(layout.RESULT, content), "write result.json")
+    return store.url(layout.RESULT)

@@ -21,7 +21,7 @@ def open_run_store(run_url: str | None, run_config: dict[str, Any] | None):
     """The run store named by an evolve config (storage options included) or a run URL."""
     if run_config is not None:
         from evomerge_core.config.schema import RunConfig
-        from evomerge_core.runs.search import open_store
+        from evomerge_core.runs.layout import open_store
 
         return open_store(RunConfig.model_validate(run_config))
     return core.open_run(run_url) if run_url else None

@@ -18,7 +18,7 @@ from evomerge_core.io.model_files import read_config
 from evomerge_core.kinds.base import RUN_KINDS, publish_best
 from evomerge_core.kinds.dfs_export import materialise_dfs
 from evomerge_core.kinds.dfs_model import DataflowModel, get_dataflow_model
-from evomerge_core.merge.engine import parse_dtype
+from evomerge_core.io.dtypes import parse_dtype
 from evomerge_core.runs.store import RunStore
 from evomerge_core.sources.decoder_families import check_pair, family_of
 from evomerge_core.sources.resolve import resolve_run_source

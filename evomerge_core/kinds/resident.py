@@ -33,7 +33,8 @@ from evomerge_core.errors import MergeError
 from evomerge_core.generation.engine.streaming import pin_sources, stream_sources
 from evomerge_core.io.model_files import LazyModelReader
 from evomerge_core.kinds.cache import cached_model
-from evomerge_core.merge.engine import _merge_planned, parse_dtype
+from evomerge_core.io.dtypes import parse_dtype
+from evomerge_core.merge.engine import _merge_planned
 from evomerge_core.merge.flat import FLAT_METHODS, FlatSources, all_finite, merge_flat
 from evomerge_core.merge.kernels import cpu_parallelism
 from evomerge_core.merge.params import plan_recipe

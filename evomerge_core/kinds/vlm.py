@@ -36,7 +36,8 @@ from evomerge_core.kinds.base import RUN_KINDS, publish_best
 from evomerge_core.kinds.cache import cached_model
 from evomerge_core.kinds.llm import recipe_files
 from evomerge_core.kinds.resident import recipe_hash
-from evomerge_core.merge.engine import check_shard_size, merge_tensor, parse_dtype
+from evomerge_core.io.dtypes import parse_dtype
+from evomerge_core.merge.engine import check_shard_size, merge_tensor
 from evomerge_core.sources.resolve import check_same_tensors, resolve_run_source
 from evomerge_core.runs.store import RunStore
 from evomerge_core.spaces import PSSpace

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from evomerge_core.sources.architectures import is_vocab_tensor, layer_index
 from evomerge_core.errors import MergeError
-from evomerge_core.io.dtypes import parse_dtype  # also imported from here by callers (flows/cmd_merge, kinds)
+from evomerge_core.io.dtypes import parse_dtype
 from evomerge_core.io.model_dir import ModelDirWriter, check_target, set_config_dtype
 from evomerge_core.io.model_files import TOKENIZER_FILES, PlannedTensor
 from evomerge_core.merge.fastio import DirectShardedWriter, MappedModel
-from evomerge_core.merge.kernels import cpu_parallelism, release_workspace
+from evomerge_core.merge.kernels import cpu_parallelism
+from evomerge_core.merge.workspace import release_workspace
 from evomerge_core.merge.moe import check_expert_merge
 from evomerge_core.merge.params import MergePlan, plan_recipe, resolve_tensor_params, unmatched_filters
 from evomerge_core.merge.recipe import MergeRecipe

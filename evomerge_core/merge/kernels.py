@@ -39,9 +39,7 @@ from evomerge_core.errors import MergeError
 
 from . import native, triton_merge
 from .sparsify import DareMasker, MagnitudeCut, TaskVectorSpec, dare_maskers, magnitude_k
-from .sparsify import seed_from as seed_from  # re-exported: callers use kernels.seed_from
 from .workspace import WS as _WS
-from .workspace import release_workspace as release_workspace  # re-exported (engine, benchmarks)
 
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 26

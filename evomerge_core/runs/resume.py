@@ -32,7 +32,7 @@ from evomerge_core.runs import faults
 from evomerge_core.config.schema import RunConfig, parse_run_config
 from evomerge_core.errors import ConfigError, StorageError, UsageError
 from evomerge_core.runs.layout import RESULT, open_store, stored_config
-from evomerge_core.runs.lease import LeaseKeeper, ensure_lease_free, holder_is_gone as holder_is_gone  # re-exported
+from evomerge_core.runs.lease import LeaseKeeper, ensure_lease_free
 from evomerge_core.runs.retries import with_retries
 from evomerge_core.runs.store import (
     CorruptObjectError,

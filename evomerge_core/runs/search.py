@@ -17,7 +17,7 @@ from evomerge_core.config.schema import RunConfig
 from evomerge_core.errors import EvomergeError
 from evomerge_core.optim.cmaes import CMAES
 from evomerge_core.runs import faults
-from evomerge_core.runs.layout import RESULT as RESULT, open_store as open_store, stored_config  # RESULT, open_store: re-exported
+from evomerge_core.runs.layout import stored_config
 from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
 from evomerge_core.runs.resume import check_before_start
 from evomerge_core.runs.retries import with_retries

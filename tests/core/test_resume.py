@@ -10,9 +10,10 @@ import time
 import pytest
 
 from evomerge_core.runs import faults
-from evomerge_core.runs import resume
+from evomerge_core.runs import lease as leases
+from evomerge_core.runs import resume, retries
 from evomerge_core.errors import ConfigError, StorageError, UsageError
-from evomerge_core.runs.search import RESULT, stored_config
+from evomerge_core.runs.layout import RESULT, stored_config
 from evomerge_core.runs.store import CorruptObjectError, RunStore, RunStoreWarning
 
 
@@ -46,7 +47,7 @@ def test_transient_errors_are_retried_others_raised_at_once(monkeypatch):
             raise StorageError('cannot write s3://b/k: EndpointConnectionError: Could not connect to "http://x"')
         return "ok"
 
-    assert resume.with_retries(flaky, "write", budget_s=60) == "ok" and len(calls) == 3
+    assert retries.with_retries(flaky, "write", budget_s=60) == "ok" and len(calls) == 3
     for exc in (StorageError("cannot read s3://b/k: PermissionError: Forbidden; check the credentials"),
                 CorruptObjectError("s3://b/k fails its sha256 check (timed out)")):
         calls.clear()
@@ -56,7 +57,7 @@ def test_transient_errors_are_retried_others_raised_at_once(monkeypatch):
             raise exc
 
         with pytest.raises(StorageError):
-            resume.with_retries(bad, "read", budget_s=60)
+            retries.with_retries(bad, "read", budget_s=60)
         assert len(calls) == 1
     calls.clear()
 
@@ -65,7 +66,7 @@ def test_transient_errors_are_retried_others_raised_at_once(monkeypatch):
         raise StorageError("cannot write s3://b/k: EndpointConnectionError: Could not connect")
 
     with pytest.raises(StorageError, match="Could not connect"):  # the budget runs out
-        resume.with_retries(down, "write", budget_s=0)
+        retries.with_retries(down, "write", budget_s=0)
     assert len(calls) == 1
 
 
@@ -94,16 +95,16 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     dead.wait()
     store.acquire_lease("old-owner", ttl_s=600)
     lease = store.read_lease()
-    assert resume.holder_is_gone({**lease, "pid": dead.pid})
-    assert not resume.holder_is_gone(lease)  # this very process
-    assert not resume.holder_is_gone({**lease, "pid": 1, "host": "another-host"})
+    assert leases.holder_is_gone({**lease, "pid": dead.pid})
+    assert not leases.holder_is_gone(lease)  # this very process
+    assert not leases.holder_is_gone({**lease, "pid": 1, "host": "another-host"})
     with pytest.raises(StorageError, match="run is already in progress"):
-        store.acquire_lease("new-owner", ttl_s=600, takeover_if=resume.holder_is_gone)
+        store.acquire_lease("new-owner", ttl_s=600, takeover_if=leases.holder_is_gone)
     # the same lease as written by the (now dead) child process
     store._backend.write_bytes("lease.json", store._encode({**lease, "pid": dead.pid}, "lease.json"))
-    resume.ensure_lease_free(store)  # a dead holder does not block a start
+    leases.ensure_lease_free(store)  # a dead holder does not block a start
     with pytest.warns(RunStoreWarning, match="unexpired lease of owner 'old-owner'.*process is gone"):
-        store.acquire_lease("new-owner", ttl_s=600, takeover_if=resume.holder_is_gone)
+        store.acquire_lease("new-owner", ttl_s=600, takeover_if=leases.holder_is_gone)
     assert store.read_lease()["owner"] == "new-owner"
 
 

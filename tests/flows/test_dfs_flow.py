@@ -12,7 +12,7 @@ import yaml
 
 from evomerge_core.config.schema import parse_run_config
 from evomerge_core.kinds.cache import clear_model_cache
-from evomerge_core.runs.search import open_store
+from evomerge_core.runs.layout import open_store
 from evomerge_core.fitness.evaluator import Fitness, minibatch_indices
 from evomerge_core.spaces.dfs import DFSRecipe, DFSSpace
 

@@ -13,7 +13,8 @@ import yaml
 from evomerge_core.config.schema import parse_run_config
 from evomerge_core.errors import UsageError
 from evomerge_core.kinds.cache import clear_model_cache
-from evomerge_core.runs.search import check_run_free, open_store
+from evomerge_core.runs.layout import open_store
+from evomerge_core.runs.search import check_run_free
 from evomerge_core.fitness.evaluator import Fitness
 from evomerge_core.spaces import build_space
 

@@ -10,7 +10,7 @@ from test_evolve import make_config
 from evomerge_core.config.schema import RunConfig, parse_run_config
 from evomerge_core.runs.records import CandidateRecord, GenerationSummary, RunResult
 from evomerge_core.runs.resume import candidate_keys
-from evomerge_core.runs.search import RESULT, open_store
+from evomerge_core.runs.layout import RESULT, open_store
 from evomerge_core.runs.store import canonical_json
 
 pytestmark = pytest.mark.timeout(300)
