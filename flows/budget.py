@@ -15,7 +15,7 @@ from evomerge.tasks.evolve import evaluate_full_train, evaluate_round, evaluate_
 from evomerge_core.fitness.budget import plan
 from evomerge_core.fitness.budget.racing import run_race
 from evomerge_core.config.schema import RunConfig
-from evomerge_core.runs.records import CandidateRecord
+from evomerge_core.runs.records import MEAN_INDEX, CandidateRecord
 from evomerge_core.runs.resume import Run, evaluation_config
 from evomerge_core.runs.store import candidate_key
 
@@ -99,26 +99,34 @@ def evaluate_generation(cfg: RunConfig, sources: dict[str, Any], genomes: list[l
 
 
 def final_check(cfg: RunConfig, sources: dict[str, Any], history: list[CandidateRecord],
-                counts: dict[str, int]) -> tuple[CandidateRecord, list[dict[str, Any]]]:
+                counts: dict[str, int], mean: list[float] | None = None) -> tuple[CandidateRecord, list[dict[str, Any]]]:
     """Score the top `final_candidates` (by budgeted fitness; stopped and failed ones are not
-    eligible) on the whole train split; the best of them is the run's best."""
+    eligible) on the whole train split, and with `final_mean` the CMA-ES mean after the last
+    generation (`mean`, record index MEAN_INDEX); the best of them is the run's best."""
     eligible = [r for r in history if r.error is None and r.raced_out is None and r.fitness is not None]
     top = sorted(eligible, key=lambda r: (-r.fitness, r.generation, r.index))[: cfg.fitness.budget.final_candidates]
     if not top:
         raise RuntimeError("no candidate can be checked on the full train split: every candidate failed")
+    if cfg.fitness.budget.final_mean and mean is not None:
+        last = max(r.generation for r in history)
+        top.append(CandidateRecord(generation=last, index=MEAN_INDEX, genome=[float(x) for x in mean]))
     keys = [_key(cfg, sources["revisions"], r.genome, {"final": True}) for r in top]
     futures = map_candidates(evaluate_full_train, unmapped(cfg), unmapped(sources["paths"]), [r.genome for r in top],
                              generation=[r.generation for r in top], index=[r.index for r in top], key=keys)
     checks: list[CandidateRecord] = [f.result() for f in futures]
     counts["new"] += len(checks)
-    rows = [{"generation": r.generation, "index": r.index, "budgeted_fitness": r.fitness,
+    rows = [{"generation": r.generation, "index": r.index, "budgeted_fitness": r.fitness, "mean": r.index == MEAN_INDEX,
+             "genome": r.genome,
              "fitness": c.fitness, "error": c.error, "items_evaluated": c.get("items_evaluated", 0),
              "generated_tokens": c.get("generated_tokens", 0)} for r, c in zip(top, checks)]
     ok = [(r, c) for r, c in zip(top, checks) if c.error is None]
     if not ok:
         raise RuntimeError(f"every top candidate failed on the full train split; first error: {checks[0].error}")
     best, check = max(ok, key=lambda rc: rc[1].fitness)  # first wins ties
-    chosen = best.replace(fitness=check.fitness, accuracy=check.get("accuracy"), budgeted_fitness=best.fitness)
+    if best.index == MEAN_INDEX:  # never evaluated before: its full-train record is all there is
+        chosen = check.replace(generation=best.generation, index=MEAN_INDEX)
+    else:
+        chosen = best.replace(fitness=check.fitness, accuracy=check.get("accuracy"), budgeted_fitness=best.fitness)
     return chosen, rows
 
 

@@ -133,7 +133,7 @@ def _search(cfg: RunConfig, run: Run) -> RunResult:
     top = best.require(len(history), first_error)
     checks: list[dict[str, Any]] = []
     if cfg.fitness.budget is not None:  # the best is chosen on the full train split
-        top, checks = budget.final_check(cfg, sources, history, counts)
+        top, checks = budget.final_check(cfg, sources, history, counts, optimizer.mean)
     test = None
     if cfg.fitness.test is not None:
         test = evaluate_test(cfg, sources["paths"], top.genome, top.generation, top.index)

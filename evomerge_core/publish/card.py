@@ -25,6 +25,7 @@ import yaml
 from evomerge_core.errors import EvomergeError
 from evomerge_core.publish.licenses import LicenseDecision, SourceLicense
 from evomerge_core.fitness.contamination import KNOWN_DISJOINT
+from evomerge_core.runs.records import best_label
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 TEXT_GENERATION = "text-generation"
@@ -133,7 +134,7 @@ def _run_facts(inputs: CardInputs) -> dict[str, Any] | None:
         ("scorer", f"`{fitness.get('scorer')}` {_fmt(fitness.get('options') or {})}".strip()),
         ("prompt template", f"`{fitness.get('prompt_template')!r}`" if fitness.get("prompt_template") else None),
         ("max new tokens", fitness.get("max_new_tokens")),
-        ("best candidate", f"generation {result.get('best_generation', 0) + 1}, candidate {result.get('best_index')}"),
+        ("best candidate", best_label(result.get("best_generation") or 0, result.get("best_index"))),
         ("config hash", f"`{result.get('config_hash')}`" if result.get("config_hash") else None),
     ]
     rows = gens

@@ -97,6 +97,18 @@ class _Record(Mapping[str, Any]):
     __hash__ = None  # type: ignore[assignment]  # mutable, like the dict it stands for
 
 
+# The record index of the CMA-ES distribution's mean, scored in the final check
+# (`fitness.budget.final_mean`); its generation is the last one.
+MEAN_INDEX = -1
+
+
+def best_label(generation: int, index: int | None) -> str:
+    """How a report or card names the run's best: a candidate, or the CMA-ES mean."""
+    if index == MEAN_INDEX:
+        return f"the CMA-ES mean after generation {generation + 1}"
+    return f"generation {generation + 1}, candidate {index}"
+
+
 @dataclass(eq=False, kw_only=True)
 class CandidateRecord(_Record):
     """One evaluated candidate (``generations/{g}.json`` ``candidates``, ``candidates/{key}.json``).

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from evomerge_core.runs.records import best_label
+
 
 def plot_fitness(summaries: list[dict[str, Any]], path: Path) -> Path:
     """Best and mean fitness per generation (failed candidates excluded from the mean)."""
@@ -72,7 +74,7 @@ def render_markdown(result: dict[str, Any], config: dict[str, Any]) -> str:
         f"- evaluations: {result['evaluations']} in {len(result['generations'])} generations; "
         f"scorer `{config['fitness']['scorer']}`",
         f"- best fitness: **{_fmt(result['best_fitness'])}** (accuracy {_fmt(result.get('best_accuracy'))}), "
-        f"generation {result['best_generation'] + 1}, candidate {result['best_index']}",
+        + best_label(result["best_generation"], result["best_index"]),
     ]
     test = result.get("test")
     if test:

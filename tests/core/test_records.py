@@ -88,3 +88,10 @@ def test_run_result_round_trips_extra_sections():
     assert result.extra == {"budget": {"final_check": []}}
     assert canonical_json(result.to_dict()) == canonical_json(raw) and result.to_json() == json.dumps(raw)
     assert RunResult.from_dict(result) is result
+
+
+def test_best_label_names_a_candidate_or_the_cma_es_mean():
+    from evomerge_core.runs.records import MEAN_INDEX, best_label
+
+    assert best_label(4, 2) == "generation 5, candidate 2"
+    assert best_label(15, MEAN_INDEX) == "the CMA-ES mean after generation 16"

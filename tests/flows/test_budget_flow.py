@@ -127,3 +127,36 @@ def test_length_caps_cut_generated_tokens(tiny_family, budget_data, tmp_path):
     per_item = [h["generated_tokens"] / h["items_evaluated"] for h in capped["history"] if h["generation"] > 0]
     assert all(t <= max(caps) for t in per_item)
     assert free["cost"]["items_evaluated"] > 0 and free["cost"]["generated_tokens"] > 0
+
+
+def test_final_mean_scores_the_cma_es_mean_on_the_full_train_split(tiny_family, budget_data, tmp_path):
+    from evomerge.flows.evolve import evolve
+    from evomerge_core.config.schema import RunConfig
+    from evomerge_core.runs.records import MEAN_INDEX
+    from evomerge_core.runs.search import make_optimizer
+    from evomerge_core.spaces import build_space
+
+    budget = {"racing": {"slice": 4, "min_items": 4, "confidence": 0.8, "max_items": 12},
+              "final_candidates": 1, "final_mean": True}
+    cfg = _config(tiny_family, budget_data, tmp_path, "mean", budget)
+    clear_model_cache()
+    result = evolve(cfg)
+    checks = result["budget"]["final_check"]
+    assert [c["mean"] for c in checks] == [False, True]
+    mean_row = checks[1]
+    assert mean_row["index"] == MEAN_INDEX and mean_row["generation"] == 2 and mean_row["items_evaluated"] == 24
+    assert result["best_fitness"] == max(c["fitness"] for c in checks)
+    assert all(h["items_evaluated"] <= 12 for h in result["history"])  # a fresh draw of 12 per generation
+
+    # the checked genome is the CMA-ES mean after the last tell: replay the search's ask/tell
+    run_config = RunConfig.model_validate(cfg)
+    optimizer = make_optimizer(run_config, build_space(run_config))
+    for g in range(3):
+        genomes = optimizer.ask()
+        told = sorted((h for h in result["history"] if h["generation"] == g), key=lambda h: h["index"])
+        assert [h["genome"] for h in told] == [list(x) for x in genomes]
+        optimizer.tell(genomes, [h["fitness"] for h in told])
+    assert mean_row["genome"] == optimizer.mean
+    best_row = next(c for c in checks if c["fitness"] == result["best_fitness"])
+    assert result["best_genome"] == best_row["genome"] and result["best_index"] == best_row["index"]
+    assert result["cost"]["items_evaluated"] == sum(h["items_evaluated"] for h in result["history"]) + 2 * 24

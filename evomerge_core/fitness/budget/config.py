@@ -55,6 +55,10 @@ class BudgetConfig(_Strict):
     # The run's best: this many top candidates (by their budgeted fitness) are scored on the
     # full train split at the end, and the best of those is chosen.
     final_candidates: int = Field(default=3, ge=1)
+    # Also score the CMA-ES distribution's mean after the last generation on the full train
+    # split, as one more final candidate: under noisy (budgeted) fitness the mean, which
+    # averages many candidates, is often better than any single evaluated one.
+    final_mean: bool = False
 
     @model_validator(mode="before")
     @classmethod
