@@ -204,9 +204,14 @@ def vqa_prompts(processor: Any, prompts: Sequence[str], *, chat_template: bool =
     return out
 
 
-def vqa_generate(model: Any, processor: Any, images: Sequence[Any], texts: Sequence[str], *, max_new_tokens: int,
-                 stop_strings: Sequence[str] = (), batch_size: int = 8) -> list[str]:
-    """Greedy answers of a VLM to (image, text) pairs, cut at stop strings and stripped."""
+def vqa_generate(model: Any, processor: Any, images: Sequence[Any], texts: Sequence[str], *,
+                 max_new_tokens: int | Sequence[int], stop_strings: Sequence[str] = (), batch_size: int = 8) -> list[str]:
+    """Greedy answers of a VLM to (image, text) pairs, cut at stop strings and stripped.
+    `max_new_tokens` is one cap, or one per pair (`fitness.budget.length_caps`): a batch then
+    generates up to its largest cap and each row keeps its own cap's tokens."""
+    caps = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(caps) != len(texts):
+        raise ValueError(f"max_new_tokens has {len(caps)} caps for {len(texts)} prompts; give one per prompt")
     tok = processor.tokenizer
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -216,14 +221,15 @@ def vqa_generate(model: Any, processor: Any, images: Sequence[Any], texts: Seque
     for start in range(0, len(texts), batch_size):
         batch_text = list(texts[start:start + batch_size])
         batch_img = list(images[start:start + batch_size])
+        batch_caps = caps[start:start + batch_size]
         inputs = processor(images=batch_img, text=batch_text, return_tensors="pt", padding=True)
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if hasattr(v, "to") else v
                   for k, v in inputs.items()}
         with torch.inference_mode():
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            generated = model.generate(**inputs, max_new_tokens=max(batch_caps), do_sample=False, pad_token_id=pad)
         new = generated[:, inputs["input_ids"].shape[1]:]
-        for row in new:
-            text = tok.decode(row, skip_special_tokens=True)
+        for row, cap in zip(new, batch_caps, strict=True):
+            text = tok.decode(row[:cap], skip_special_tokens=True)
             outputs.append(truncate_at_stop(text, stop_strings).strip())
     return outputs
 

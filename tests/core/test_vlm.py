@@ -221,3 +221,9 @@ def test_materialised_vlm_loads_and_answers(zoo, tmp_path):
     answers = vqa_generate(model, processor, [image, image], texts, max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert any(answers)  # a random tiny model still emits characters
+    # one cap per prompt (fitness.budget.length_caps): each row equals that row alone with its cap
+    capped = vqa_generate(model, processor, [image, image], texts, max_new_tokens=[1, 4])
+    alone = vqa_generate(model, processor, [image], texts[:1], max_new_tokens=1)
+    assert capped[1] == answers[1] and capped[0] == alone[0]
+    with pytest.raises(ValueError, match="one per prompt"):
+        vqa_generate(model, processor, [image, image], texts, max_new_tokens=[1])
