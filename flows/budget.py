@@ -15,6 +15,7 @@ from evomerge.tasks.evolve import evaluate_full_train, evaluate_round, evaluate_
 from evomerge_core.fitness.budget import plan
 from evomerge_core.fitness.budget.racing import run_race
 from evomerge_core.config.schema import RunConfig
+from evomerge_core.fitness.budget.config import RacingConfig
 from evomerge_core.runs.records import MEAN_INDEX, CandidateRecord
 from evomerge_core.runs.resume import Run, evaluation_config
 from evomerge_core.runs.store import candidate_key
@@ -100,34 +101,82 @@ def evaluate_generation(cfg: RunConfig, sources: dict[str, Any], genomes: list[l
 
 def final_check(cfg: RunConfig, sources: dict[str, Any], history: list[CandidateRecord],
                 counts: dict[str, int], mean: list[float] | None = None) -> tuple[CandidateRecord, list[dict[str, Any]]]:
-    """Score the top `final_candidates` (by budgeted fitness; stopped and failed ones are not
+    """Score the final candidates (`plan.final_candidates`; stopped and failed ones are not
     eligible) on the whole train split, and with `final_mean` the CMA-ES mean after the last
-    generation (`mean`, record index MEAN_INDEX); the best of them is the run's best."""
+    generation (`mean`, record index MEAN_INDEX); the best of them is the run's best. With
+    `final_racing` the check is raced and only the candidates left are scored on every item."""
     eligible = [r for r in history if r.error is None and r.raced_out is None and r.fitness is not None]
-    top = sorted(eligible, key=lambda r: (-r.fitness, r.generation, r.index))[: cfg.fitness.budget.final_candidates]
+    top = plan.final_candidates(cfg.fitness, eligible)
     if not top:
         raise RuntimeError("no candidate can be checked on the full train split: every candidate failed")
     if cfg.fitness.budget.final_mean and mean is not None:
         last = max(r.generation for r in history)
         top.append(CandidateRecord(generation=last, index=MEAN_INDEX, genome=[float(x) for x in mean]))
+    checks = (_raced_checks if cfg.fitness.budget.final_racing is not None else _full_checks)(cfg, sources, top, counts)
+    rows = [{"generation": r.generation, "index": r.index, "budgeted_fitness": r.fitness, "mean": r.index == MEAN_INDEX,
+             "genome": r.genome, "fitness": c.fitness, "estimate": c.estimate, "error": c.error,
+             "raced_out": c.raced_out,
+             "items_evaluated": c.get("items_evaluated", 0), "generated_tokens": c.get("generated_tokens", 0)}
+            for r, c in zip(top, checks)]
+    ok = [(r, c) for r, c in zip(top, checks) if c.error is None and c.raced_out is None]
+    if not ok:
+        raise RuntimeError(f"every final candidate failed on the full train split; first error: {checks[0].error}")
+    best, check = max(ok, key=lambda rc: rc[1].fitness)  # first wins ties
+    if best.index == MEAN_INDEX:  # never evaluated before: its full-train record is all there is
+        chosen = check.replace(generation=best.generation, index=MEAN_INDEX, raced_out=None)
+    else:
+        chosen = best.replace(fitness=check.fitness, accuracy=check.get("accuracy"), budgeted_fitness=best.fitness)
+    return chosen, rows
+
+
+def _full_checks(cfg: RunConfig, sources: dict[str, Any], top: list[CandidateRecord],
+                 counts: dict[str, int]) -> list[CandidateRecord]:
+    """Each final candidate scored on every train item."""
     keys = [_key(cfg, sources["revisions"], r.genome, {"final": True}) for r in top]
     futures = map_candidates(evaluate_full_train, unmapped(cfg), unmapped(sources["paths"]), [r.genome for r in top],
                              generation=[r.generation for r in top], index=[r.index for r in top], key=keys)
     checks: list[CandidateRecord] = [f.result() for f in futures]
     counts["new"] += len(checks)
-    rows = [{"generation": r.generation, "index": r.index, "budgeted_fitness": r.fitness, "mean": r.index == MEAN_INDEX,
-             "genome": r.genome,
-             "fitness": c.fitness, "error": c.error, "items_evaluated": c.get("items_evaluated", 0),
-             "generated_tokens": c.get("generated_tokens", 0)} for r, c in zip(top, checks)]
-    ok = [(r, c) for r, c in zip(top, checks) if c.error is None]
-    if not ok:
-        raise RuntimeError(f"every top candidate failed on the full train split; first error: {checks[0].error}")
-    best, check = max(ok, key=lambda rc: rc[1].fitness)  # first wins ties
-    if best.index == MEAN_INDEX:  # never evaluated before: its full-train record is all there is
-        chosen = check.replace(generation=best.generation, index=MEAN_INDEX)
-    else:
-        chosen = best.replace(fitness=check.fitness, accuracy=check.get("accuracy"), budgeted_fitness=best.fitness)
-    return chosen, rows
+    return checks
+
+
+def _raced_checks(cfg: RunConfig, sources: dict[str, Any], top: list[CandidateRecord],
+                  counts: dict[str, int]) -> list[CandidateRecord]:
+    """The final check in racing rounds over every train item (a seeded order): a candidate
+    beaten by one other with `final_racing.confidence` stops (raced_out: the round); the ones
+    left see every item, and their fitness is the mean over all of them."""
+    from evomerge_core.fitness.evaluator import Fitness  # deferred: loads torch, as in flows/evolve
+
+    final = cfg.fitness.budget.final_racing
+    n_items = len(Fitness(cfg.fitness, split="train").rows)
+    rounds = plan.final_rounds(n_items, final.slice, cfg.optimizer.seed)
+
+    def evaluate(alive: list[int], r: int) -> dict[int, dict[str, Any]]:
+        keys = [_key(cfg, sources["revisions"], top[i].genome, {"final_items": rounds[r]}) for i in alive]
+        counts["new"] += len(alive)
+        futures = map_candidates(evaluate_round, unmapped(cfg), unmapped(sources["paths"]),
+                                 [[top[i].genome] for i in alive], generation=[top[i].generation for i in alive],
+                                 indices=[[top[i].index] for i in alive], keys=[[k] for k in keys], round=unmapped(r),
+                                 items=unmapped(rounds[r]), caps=unmapped(None),
+                                 span=[f"final-{top[i].index}" for i in alive])
+        return {i: f.result()[0] for i, f in zip(alive, futures)}
+
+    racing = RacingConfig(slice=final.slice, confidence=final.confidence, min_items=min(final.slice, n_items))
+    results, stopped = run_race(list(range(len(top))), rounds, evaluate, 1, racing)
+    checks = []
+    for i, record in enumerate(top):
+        done = results[i]
+        scores = [v for res in done for v in res["scores"]]
+        error = next((res["error"] for res in done if res.get("error")), None)
+        first = done[0] if done else {}
+        raced_out = stopped.get(i) if error is None else None
+        partial = sum(scores) / len(scores) if scores else None
+        checks.append(CandidateRecord(
+            generation=record.generation, index=record.index, genome=record.genome, values=first.get("values"),
+            recipe=first.get("recipe"), fitness=partial if raced_out is None else None, estimate=partial,
+            error=error, n_items=len(scores), items_evaluated=len(scores),
+            generated_tokens=sum(t for res in done for t in res["tokens"]), raced_out=raced_out))
+    return checks
 
 
 def result_section(state: plan.BudgetState | None, checks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -144,6 +144,8 @@ def _fitness(**over):
     (_fitness(budget={"subset": {"size": 0}}), "size"),
     (_fitness(budget={"race": {}}), "race"),
     (_fitness(scorer="rouge_l", budget={"racing": True}), "per-item"),
+    (_fitness(scorer="rouge_l", budget={"final_racing": True}), "final_racing"),
+    (_fitness(budget={"final_racing": {"slice": 1}}), "slice"),
 ])
 def test_bad_budget_config_is_one_clear_error(fitness, message):
     cfg = {"sources": [{"model": "a", "base": True}, {"model": "b"}],
@@ -206,3 +208,31 @@ def test_racing_without_subset_takes_a_fresh_seeded_draw_per_generation():
     assert len(g1) == 12 == len(set(g1)) and g1 != g2 and not budget.calibrates
     assert g1 == plan.generation_items(budget, plan.BudgetState(n_items=50), 1, seed=3)  # same on resume
     assert [len(r) for r in plan.rounds_of(budget, 1, g1)] == [4, 4, 4]
+
+
+def _record(generation, index, fitness):
+    from evomerge_core.runs.records import CandidateRecord
+
+    return CandidateRecord(generation=generation, index=index, genome=[0.1 * index], fitness=fitness)
+
+
+def test_final_candidates_are_generation_winners_when_generations_draw_their_own_items():
+    # generation 2 drew easy items: every estimate there is higher than generation 1's best
+    eligible = [_record(0, 0, -0.5), _record(0, 1, -0.4), _record(1, 0, -0.3), _record(1, 1, -0.35),
+                _record(2, 0, -0.1), _record(2, 1, -0.05), _record(2, 2, -0.2)]
+    fresh = FitnessConfig(**_fitness(budget={"racing": {"max_items": 8}, "final_candidates": 2}))
+    assert plan.draws_per_generation(fresh)
+    assert [(r.generation, r.index) for r in plan.final_candidates(fresh, eligible)] == [(1, 0), (2, 1)]
+    minibatch = FitnessConfig(**_fitness(minibatch=8, budget={"final_candidates": 3}))
+    assert [(r.generation, r.index) for r in plan.final_candidates(minibatch, eligible)] == [(0, 1), (1, 0), (2, 1)]
+    same_items = FitnessConfig(**_fitness(budget={"racing": True, "final_candidates": 2}))  # every item, each generation
+    assert not plan.draws_per_generation(same_items)
+    assert [(r.generation, r.index) for r in plan.final_candidates(same_items, eligible)] == [(2, 1), (2, 0)]
+
+
+def test_final_rounds_take_every_item_once_in_a_seeded_order():
+    rounds = plan.final_rounds(50, 20, seed=4)
+    assert [len(r) for r in rounds] == [20, 20, 10]
+    assert sorted(j for r in rounds for j in r) == list(range(50))
+    assert rounds == plan.final_rounds(50, 20, seed=4) and rounds != plan.final_rounds(50, 20, seed=5)
+    assert BudgetConfig(final_racing=True).final_racing.slice == 40

@@ -160,3 +160,28 @@ def test_final_mean_scores_the_cma_es_mean_on_the_full_train_split(tiny_family, 
     best_row = next(c for c in checks if c["fitness"] == result["best_fitness"])
     assert result["best_genome"] == best_row["genome"] and result["best_index"] == best_row["index"]
     assert result["cost"]["items_evaluated"] == sum(h["items_evaluated"] for h in result["history"]) + 2 * 24
+
+
+def test_raced_final_check_scores_generation_winners_and_finishes_only_the_survivors(tiny_family, budget_data,
+                                                                                    tmp_path):
+    from evomerge.flows.evolve import evolve
+
+    budget = {"racing": {"slice": 4, "min_items": 4, "confidence": 0.8, "max_items": 12},
+              "final_candidates": 2, "final_mean": True, "final_racing": {"slice": 6, "confidence": 0.6}}
+    clear_model_cache()
+    result = evolve(_config(tiny_family, budget_data, tmp_path, "raced-final", budget))
+    history = result["history"]
+    checks = result["budget"]["final_check"]
+    assert [(c["generation"], c["mean"]) for c in checks] == [(1, False), (2, False), (2, True)]
+    for row in checks[:2]:  # each of the last two generations' best by its budgeted fitness
+        generation = [h for h in history if h["generation"] == row["generation"] and h["raced_out"] is None]
+        assert row["index"] == max(generation, key=lambda h: h["fitness"])["index"]
+    finished = [c for c in checks if c["raced_out"] is None]
+    assert len(finished) < len(checks), "the final check stopped no candidate (seeded: it stops two)"
+    assert finished and all(c["items_evaluated"] == 24 and c["fitness"] is not None for c in finished)
+    for row in checks:
+        if row["raced_out"] is not None:  # stopped after a round: fewer items, a partial estimate, no fitness
+            assert row["items_evaluated"] == 6 * (row["raced_out"] + 1) < 24 and row["fitness"] is None
+    assert result["best_fitness"] == max(c["fitness"] for c in finished)
+    assert result["cost"]["items_evaluated"] == (sum(h["items_evaluated"] for h in history)
+                                                 + sum(c["items_evaluated"] for c in checks))

@@ -25,6 +25,9 @@ def check_budget(fitness: Any) -> None:
         raise ConfigError(f"fitness.budget racing/subset/length_caps need per-item values, which scorer "
                           f"{fitness.scorer!r} does not give; use math_accuracy, exact_match or logprob, or "
                           "give your scorer a per_item function")
+    if budget.final_racing is not None and get_scorer(fitness.scorer).per_item is None:
+        raise ConfigError(f"fitness.budget.final_racing compares per-item values, which scorer {fitness.scorer!r} "
+                          "does not give; remove final_racing or use a scorer with per_item")
 
 
 def check_budget_space(config: Any) -> None:

@@ -44,6 +44,15 @@ class LengthCapsConfig(_Strict):
     answer_line: bool = False
 
 
+class FinalRacingConfig(_Strict):
+    """The final check raced: the final candidates are scored on the train split in rounds of
+    `slice` items (a seeded order); one beaten by another with `confidence` stops; the ones
+    left are scored on every item and the best of them is the run's best."""
+
+    slice: int = Field(default=40, ge=2)
+    confidence: float = Field(default=0.8, gt=0.5, lt=1.0)
+
+
 class BudgetConfig(_Strict):
     """`fitness.budget`: what saves evaluations (every part is optional)."""
 
@@ -52,20 +61,23 @@ class BudgetConfig(_Strict):
     length_caps: LengthCapsConfig | None = None
     # Generations scored on the full train split (no racing) to fit the subset / the caps.
     calibration_generations: int = Field(default=1, ge=1)
-    # The run's best: this many top candidates (by their budgeted fitness) are scored on the
-    # full train split at the end, and the best of those is chosen.
+    # The run's best: this many candidates are scored on the full train split at the end, and
+    # the best of those is chosen: the top ones by budgeted fitness when every generation saw
+    # the same items, else (fresh draws, minibatches) the winners of the last generations,
+    # since estimates on different items do not compare (an easy draw lifts a generation).
     final_candidates: int = Field(default=3, ge=1)
     # Also score the CMA-ES distribution's mean after the last generation on the full train
     # split, as one more final candidate: under noisy (budgeted) fitness the mean, which
     # averages many candidates, is often better than any single evaluated one.
     final_mean: bool = False
+    final_racing: FinalRacingConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _true_means_defaults(cls, value: Any) -> Any:
         if isinstance(value, dict):
             value = dict(value)
-            for key in ("racing", "length_caps"):
+            for key in ("racing", "length_caps", "final_racing"):
                 if value.get(key) is True:
                     value[key] = {}
                 elif value.get(key) is False:

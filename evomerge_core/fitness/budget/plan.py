@@ -159,3 +159,29 @@ def finish_generation(budget: BudgetConfig, state: BudgetState, generation: int,
     for r in records:
         r["fitness"] = told[r["index"]]
     return records
+
+
+def draws_per_generation(fitness: Any) -> bool:
+    """Whether generations are scored on different items (fresh racing draws or
+    `fitness.minibatch`): estimates then compare only within a generation."""
+    budget = fitness.budget
+    fresh = budget is not None and budget.subset is None and budget.racing is not None \
+        and budget.racing.max_items is not None
+    return fresh or fitness.minibatch is not None
+
+
+def final_candidates(fitness: Any, eligible: list[Any]) -> list[Any]:
+    """The records the final check scores on the full train split (see BudgetConfig)."""
+    count = fitness.budget.final_candidates
+    if not draws_per_generation(fitness):
+        return sorted(eligible, key=lambda r: (-r.fitness, r.generation, r.index))[:count]
+    generations = sorted({r.generation for r in eligible})[-count:]
+    return [max((r for r in eligible if r.generation == g), key=lambda r: (r.fitness, -r.index))
+            for g in generations]
+
+
+def final_rounds(n_items: int, slice_: int, seed: int) -> list[list[int]]:
+    """The raced final check's rounds: every train item once, in a seeded order."""
+    order = list(range(n_items))
+    random.Random(f"evomerge-final-order:{seed}").shuffle(order)
+    return [order[i : i + slice_] for i in range(0, n_items, slice_)]
