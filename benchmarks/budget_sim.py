@@ -101,18 +101,38 @@ def surrogate_best(history: list[dict], mean: list[float], ev: CandidateEvaluato
     return {"g": GENERATIONS, "i": -2, "genome": genome, "true": float(truth(ev, genome)[0].mean())}
 
 
+def informative_draw(spread: dict[int, list[float]], k: int, share: float, rng: random.Random) -> list[int]:
+    """`share` of the k items drawn with probability proportional to how much candidates
+    differed on them so far (unseen items: the mean spread), the rest uniformly; no repeats."""
+    prior = float(np.mean([np.mean(v) for v in spread.values()])) if spread else 1.0
+    weight = {i: (float(np.mean(spread[i])) if i in spread else prior) + 1e-9 for i in range(N_ITEMS)}
+    chosen: list[int] = []
+    for _ in range(round(share * k)):
+        pool = [i for i in range(N_ITEMS) if i not in chosen]
+        chosen.append(rng.choices(pool, weights=[weight[i] for i in pool])[0])
+    rest = [i for i in range(N_ITEMS) if i not in chosen]
+    rng.shuffle(rest)
+    items = chosen + rest[: k - len(chosen)]
+    rng.shuffle(items)
+    return items
+
+
 def simulate(zoo, seed: int, k: int | None = None, slice: int | None = None, conf: float = 0.95,
              min_items: int = 8, final: int = 3, est: str = "mean", final_mean: bool = False,
              final_slice: int | None = None, final_conf: float = 0.8, final_surrogate: bool = False,
-             final_pick: str = "top") -> dict:
+             final_pick: str = "top", draw: str = "random", informative_share: float = 0.5) -> dict:
     cfg, ev = _evaluator(zoo, seed)
     optimizer = make_optimizer(cfg, ev.space)
     observed, history, items_used, tokens_used = {}, [], 0, 0
+    spread: dict[int, list[float]] = {}
     for g in range(GENERATIONS):
         genomes = optimizer.ask()
         order = list(range(N_ITEMS))
-        random.Random(f"sim:{seed}:{g}").shuffle(order)
+        rng = random.Random(f"sim:{seed}:{g}")
+        rng.shuffle(order)
         items = order if k is None else order[:k]
+        if draw == "informative" and k is not None and g > 0:
+            items = informative_draw(spread, k, informative_share, rng)
         values = {i: truth(ev, genome) for i, genome in enumerate(genomes)}
         rounds = [items] if slice is None else [items[j:j + slice] for j in range(0, len(items), slice)]
         alive, seen, stopped = list(range(len(genomes))), {i: [] for i in range(len(genomes))}, set()
@@ -130,6 +150,9 @@ def simulate(zoo, seed: int, k: int | None = None, slice: int | None = None, con
         estimate = {i: float(values[i][0][seen[i]].mean()) for i in seen}
         told = told_fitness(estimate, stopped, {})
         optimizer.tell(genomes, [told[i] for i in range(len(genomes))])
+        first = rounds[0]  # every candidate saw the first round: how much they differ per item
+        for j, item in enumerate(first):
+            spread.setdefault(item, []).append(float(np.std([values[i][0][item] for i in seen])))
         for i in seen:
             observed[(g, i)] = (np.array(seen[i]), values[i][0][seen[i]])
             history.append({"g": g, "i": i, "genome": genomes[i], "est": estimate[i], "stopped": i in stopped,

@@ -44,7 +44,7 @@ from evomerge_core.toyworld.demo import (
 SOURCE_ROWS = ("base", "skill_a", "skill_b", "lang")
 ROW_NAMES = {
     "ps": "evolved PS (DARE-TIES, CMA-ES)",
-    "ps_budget": "evolved PS, budgeted (racing + anchor-item subset)",
+    "ps_budget": "evolved PS, budgeted (racing on fresh item draws)",
     "ps_random": "evolved PS, random minibatches of the same budget",
     "psdfs": "evolved PS+DFS (A = PS model, B = lang)",
     "dfs": "evolved DFS (A = lang, B = skill_a)",
