@@ -185,3 +185,35 @@ def test_raced_final_check_scores_generation_winners_and_finishes_only_the_survi
     assert result["best_fitness"] == max(c["fitness"] for c in finished)
     assert result["cost"]["items_evaluated"] == (sum(h["items_evaluated"] for h in history)
                                                  + sum(c["items_evaluated"] for c in checks))
+
+
+def test_run_killed_in_the_raced_final_check_resumes_to_the_same_result(tiny_family, budget_data, tmp_path,
+                                                                        monkeypatch):
+    from evomerge.flows.evolve import evolve
+
+    budget = {"racing": {"slice": 4, "min_items": 4, "confidence": 0.8, "max_items": 12},
+              "final_candidates": 2, "final_mean": True, "final_racing": {"slice": 6, "confidence": 0.6}}
+    clear_model_cache()
+    reference = evolve(_config(tiny_family, budget_data, tmp_path / "ref", "final", budget))
+    stored = len(list((tmp_path / "ref" / "final" / "candidates").iterdir()))
+    final_rounds = sum(-(-c["items_evaluated"] // 6) for c in reference["budget"]["final_check"])
+    assert final_rounds >= 4
+
+    # fail after the search's evaluations and two of the final check's rounds
+    monkeypatch.setenv("EVOMERGE_FAULT", f"fail_after_candidates:{stored - final_rounds + 2}")
+    faults.reset_counts()
+    clear_model_cache()
+    cfg = _config(tiny_family, budget_data, tmp_path / "run", "final", budget)
+    with pytest.raises(Exception) as failed:
+        evolve(cfg)
+    assert isinstance(failed.value, InjectedFault) or "injected failure" in str(failed.value)
+    assert not (tmp_path / "run" / "final" / "result.json").exists()
+    latest = json.loads((tmp_path / "run" / "final" / "latest.json").read_text())
+    assert latest.get("payload", latest)["generation"] == 2  # every generation was done: it failed in the check
+    monkeypatch.delenv("EVOMERGE_FAULT")
+    faults.reset_counts()
+    clear_model_cache()
+    resumed = evolve(cfg)
+    assert _strip(resumed["history"]) == _strip(reference["history"])
+    assert resumed["budget"]["final_check"] == reference["budget"]["final_check"]
+    assert resumed["best_fitness"] == reference["best_fitness"] and resumed["cost"] == reference["cost"]
