@@ -41,17 +41,19 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def generate_answers(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 64) -> list[str]:
+def generate_answers(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 64,
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy continuations (cut at the stop string, stripped) for each row's prompt."""
     prompts = [PROMPT_TEMPLATE.format(prompt=r["prompt"]) for r in rows]
     outs = greedy_generate(
-        model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, stop_strings=STOP_STRINGS, batch_size=batch_size
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS, batch_size=batch_size
     )
     return [o.strip() for o in outs]
 
 
 def evaluate_exact_match(
-    model_dir_or_model, tokenizer=None, rows: Sequence[dict] = (), *, batch_size: int = 64
+    model_dir_or_model, tokenizer=None, rows: Sequence[dict] = (), *, batch_size: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> float:
     """Fraction of rows whose greedy answer equals `row["answer"]` after stripping.
 
@@ -67,5 +69,5 @@ def evaluate_exact_match(
         model = model_dir_or_model
         if tokenizer is None:
             raise ValueError("pass the tokenizer when evaluating an in-memory model")
-    answers = generate_answers(model, tokenizer, rows, batch_size=batch_size)
+    answers = generate_answers(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return sum(a == r["answer"].strip() for a, r in zip(answers, rows)) / len(rows)

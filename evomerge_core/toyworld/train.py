@@ -125,17 +125,43 @@ def train_stage(
     on_step: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train `model` in place for `stage.steps` steps; return the mean loss of the last 10%."""
-    kinds = [k for k, _ in stage.mixture]
-    weights = [w for _, w in stage.mixture]
-    rng = random.Random(f"stage-{stage.seed}")
-    torch.manual_seed(stage.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
+    run = StageRun(model, stage, vocab, lambda kind, rng: sample_row(world, kind, rng))
+    return run.advance(stage.steps, on_step)
 
-    def next_batch() -> dict[str, torch.Tensor]:
-        rows = [sample_row(world, kind, rng) for kind in rng.choices(kinds, weights, k=stage.batch_size)]
-        return _batch(rows, vocab)
 
-    return optimise(model, opt, stage.steps, lambda step: _lr_at(stage, step), next_batch, on_step)
+class StageRun:
+    """One stage trained in pieces: successive `advance(n)` calls see exactly the batches and
+    learning rates of one uninterrupted run, so a caller can measure checkpoints in between.
+    `sample(kind, rng)` draws one train row of a row kind."""
+
+    def __init__(self, model: LlamaForCausalLM, stage: Stage, vocab: dict[str, int],
+                 sample: Callable[[str, random.Random], dict[str, str]]) -> None:
+        self.model, self.stage, self.vocab, self.sample = model, stage, vocab, sample
+        self.kinds = [k for k, _ in stage.mixture]
+        self.weights = [w for _, w in stage.mixture]
+        self.rng = random.Random(f"stage-{stage.seed}")
+        torch.manual_seed(stage.seed)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay,
+                                     betas=(0.9, 0.98))
+        self.step = 0  # steps trained so far
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        kinds = self.rng.choices(self.kinds, self.weights, k=self.stage.batch_size)
+        return _batch([self.sample(kind, self.rng) for kind in kinds], self.vocab)
+
+    def advance(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> float:
+        """Train the next `steps` steps (`on_step` gets the stage's step index); returns the mean
+        loss of the last 10% of them."""
+        start = self.step
+
+        def report(step: int, loss: float) -> None:
+            if on_step is not None:
+                on_step(start + step, loss)
+
+        loss = optimise(self.model, self.opt, steps, lambda step: _lr_at(self.stage, start + step),
+                        self._next_batch, report)
+        self.step += steps
+        return loss
 
 
 def optimise(

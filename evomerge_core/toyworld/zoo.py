@@ -22,6 +22,7 @@ from pathlib import Path
 
 from evomerge_core.errors import UsageError
 from .evaluate import MAX_NEW_TOKENS, PROMPT_TEMPLATE, STOP_STRINGS, quiet_progress
+from .cross_zoo import CROSS, CrossRecipe, build_cross_into
 from .recipes import CODE_VERSION, MODEL_NAMES, RECIPES, Recipe
 from .tasks import SPLITS, World, make_world, split_rows, union_rows
 from .tokenizer import build_tokenizer, vocabulary
@@ -72,7 +73,8 @@ def zoo_dir(size: str, *, cache_dir: Path | None = None, seed: int = 0) -> Path:
 
 
 def build_zoo(size: str = "micro", *, cache_dir: Path | None = None, seed: int = 0, progress: bool = True) -> Zoo:
-    """Return the zoo of `size` ("micro" or "demo"), building it first unless the cache holds it.
+    """Return the zoo of `size` ("micro", "demo" or "cross": the CROSS world of
+    `cross_world`), building it first unless the cache holds it.
 
     `cache_dir` replaces the evomerge cache root (default `default_cache_dir()`); the zoo lives
     in `<cache_dir>/toyworld/<size>-<recipe hash>/` and is rebuilt only when its recipe or the
@@ -106,6 +108,7 @@ def load_zoo(root: Path) -> Zoo:
         recipe_hash=meta["recipe_hash"],
         models={name: root / "models" / name for name in MODEL_NAMES},
         tasks={t: {s: root / "tasks" / t / f"{s}.jsonl" for s in SPLITS} for t in TASK_NAMES},
+        max_new_tokens=meta.get("max_new_tokens", MAX_NEW_TOKENS),
     )
 
 
@@ -119,9 +122,11 @@ def publish_build(tmp: Path, target: Path) -> None:
             raise
 
 
-def _recipe(size: str) -> Recipe:
+def _recipe(size: str) -> Recipe | CrossRecipe:
+    if size == CROSS.size:
+        return CROSS
     if size not in RECIPES:
-        raise UsageError(f"unknown toy-world size {size!r}; use one of {sorted(RECIPES)}")
+        raise UsageError(f"unknown toy-world size {size!r}; use one of {sorted(RECIPES) + [CROSS.size]}")
     return RECIPES[size]
 
 
@@ -156,7 +161,20 @@ def _save_model(model, tokenizer, path: Path) -> None:
         tokenizer.save_pretrained(path)
 
 
-def _build_into(root: Path, recipe: Recipe, seed: int, progress: bool) -> None:
+def _build_cross(root: Path, recipe: CrossRecipe, seed: int, progress: bool) -> None:
+    started = time.time()
+    say = (lambda msg: _say(f"toyworld[{recipe.size}]: {msg}")) if progress else None
+    fields = build_cross_into(root, recipe, seed, say)
+    meta = {"size": recipe.size, "seed": seed, "recipe_hash": recipe.hash(seed), "recipe": recipe.to_json(),
+            **fields, "build_seconds": round(time.time() - started, 1)}
+    # zoo.json is written last: its presence marks a complete zoo.
+    (root / "zoo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _build_into(root: Path, recipe: Recipe | CrossRecipe, seed: int, progress: bool) -> None:
+    if isinstance(recipe, CrossRecipe):
+        _build_cross(root, recipe, seed, progress)
+        return
     started = time.time()
     world = make_world(recipe.max_a, recipe.max_b, recipe.max_number, recipe.n_validation, recipe.n_test, seed)
     _write_tasks(root, world, recipe, seed)
