@@ -8,7 +8,13 @@ import argparse
 import time
 
 from evomerge_core.errors import UsageError
-from evomerge_core.toyworld.demo import DEFAULT_DFS_EVALUATIONS, DEFAULT_EVALUATIONS, DEFAULT_WORKERS, SPACES
+from evomerge_core.toyworld.demo import (
+    DEFAULT_DFS_EVALUATIONS,
+    DEFAULT_EVALUATIONS,
+    DEFAULT_WORKERS,
+    OPTIONAL_SPACES,
+    SPACES,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dfs-evaluations", type=int, default=DEFAULT_DFS_EVALUATIONS,
                         help=f"candidates per DFS search (default {DEFAULT_DFS_EVALUATIONS})")
     parser.add_argument("--spaces", default=",".join(SPACES),
-                        help=f"evolved rows to run, comma-separated from {', '.join(SPACES)} (default: all); "
-                             "psdfs includes ps, dfs includes its scales-fixed-to-1 ablation")
+                        help=f"evolved rows to run, comma-separated from {', '.join(SPACES + OPTIONAL_SPACES)} "
+                             f"(default: {', '.join(SPACES)}); psdfs includes ps, dfs includes its "
+                             "scales-fixed-to-1 ablation, cross adds the CROSS table (its own zoo)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"processes the searches run in side by side (default {DEFAULT_WORKERS}; 1: one after "
                              "another); results do not depend on it")
@@ -33,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.evaluations < 2 or args.dfs_evaluations < 2 or args.workers < 1:
         raise UsageError("--seeds and --workers must be >= 1 and --evaluations / --dfs-evaluations >= 2")
     spaces = tuple(s.strip() for s in args.spaces.split(",") if s.strip())
-    unknown = sorted(set(spaces) - set(SPACES))
+    unknown = sorted(set(spaces) - set(SPACES) - set(OPTIONAL_SPACES))
     if unknown or not spaces:
-        raise UsageError(f"--spaces: unknown {unknown or 'empty list'}; choose from {', '.join(SPACES)}")
+        raise UsageError(f"--spaces: unknown {unknown or 'empty list'}; "
+                         f"choose from {', '.join(SPACES + OPTIONAL_SPACES)}")
     from evomerge.flows.local_server import local_api, using
     from evomerge.flows.prefect_api import check_api
 

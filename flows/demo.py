@@ -9,6 +9,8 @@
         per seed, the PS search with the evaluation budget (fitness.budget) and with random
             minibatches of the same budget ("budget" in `spaces`)
         per seed, the VLM search (`evomerge.flows.demo_vlm`)
+        per seed, the PS search on the cross zoo targeting CROSS ("cross" in `spaces`; its
+            sources and hand-set merges are scored on the cross zoo first)
       each job scores its runs' best models on the test splits
     write results.md / results.json / fitness.png (and the VLM table when asked)
 
@@ -28,12 +30,15 @@ from evomerge.flows.evolve import evolve
 from evomerge.tasks.demo import build_toy_world, score_baseline_merge, score_evolved, score_source
 from evomerge_core.toyworld import load_zoo
 from evomerge_core.toyworld.demo import (
+    CROSS_SIZE,
     DEFAULT_DFS_EVALUATIONS,
     DEFAULT_EVALUATIONS,
     DEFAULT_WORKERS,
     SPACES,
     baseline_recipes,
     budget_search_config,
+    cross_baseline_recipes,
+    cross_search_config,
     dfs_search_config,
     psdfs_search_config,
     render_table,
@@ -49,7 +54,9 @@ ROW_NAMES = {
     "psdfs": "evolved PS+DFS (A = PS model, B = lang)",
     "dfs": "evolved DFS (A = lang, B = skill_a)",
     "dfs_noscale": "evolved DFS, scales fixed to 1 (ablation)",
+    "cross": "evolved PS (DARE-TIES, CMA-ES) → CROSS",
 }
+TARGETS = {"cross": "cross"}  # results.json's "target" of a row searched for one task (the CROSS table's rows)
 BUDGETED = {"ps_budget": True, "ps_random": "random"}  # results.json's "budgeted" mark of a row
 
 
@@ -79,6 +86,8 @@ class _Evolved:
                **self.cost}
         if kind in BUDGETED:
             row["budgeted"] = BUDGETED[kind]
+        if kind in TARGETS:
+            row["target"] = TARGETS[kind]
         return row
 
 
@@ -90,6 +99,7 @@ def _jobs(seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
             jobs.append(("psdfs", seed))
         elif "ps" in spaces:
             jobs.append(("ps", seed))
+    jobs += [("cross", seed) for seed in range(seeds) if "cross" in spaces]
     jobs += [(kind, seed) for seed in range(seeds) for kind in ("ps_budget", "ps_random") if "budget" in spaces]
     jobs += [("vlm", seed) for seed in range(seeds) if "vlm" in spaces]
     jobs += [(kind, seed) for seed in range(seeds) for kind in ("dfs", "dfs_noscale") if "dfs" in spaces]
@@ -103,7 +113,8 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
     """Run the whole demo; returns the rows of the results table and the output paths.
 
     `spaces` picks the evolved rows: "ps", "psdfs" (implies the PS row), "dfs" (also runs its
-    scales-fixed-to-1 ablation) and "vlm" (the VLM table). `workers` processes run the
+    scales-fixed-to-1 ablation), "vlm" (the VLM table) and "cross" (the CROSS table, on the
+    cross zoo). `workers` processes run the
     searches side by side (1: one after another in the flow's process).
     """
     out = Path(out_dir).resolve()
@@ -118,10 +129,14 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
         from evomerge.flows.demo_vlm import vlm_fixed_rows
 
         vlm_fixed = vlm_fixed_rows(out, size=size)
+    cross_root = None
+    cross_rows: list[dict[str, Any]] = []
+    if "cross" in spaces:
+        cross_root, cross_rows = _cross_fixed_rows(out)
 
     jobs = _jobs(seeds, spaces)
     params = {"zoo_root": zoo_root, "out_dir": str(out), "size": size, "evaluations": evaluations,
-              "dfs_evaluations": dfs_evaluations}
+              "dfs_evaluations": dfs_evaluations, "cross_root": cross_root}
     results = _run_jobs([(name, seed, params) for name, seed in jobs], workers)
 
     evolved = {kind: _Evolved() for kind in ROW_NAMES}
@@ -131,20 +146,33 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
         if name == "vlm":
             vlm_results.append(result)
             continue
-        if result.get("curve") is not None:
+        if result.get("curve") is not None and name not in TARGETS:
             curves.append(result["curve"])
         for kind, part in result["rows"].items():
             evolved[kind].add(part["scores"], part["evaluated"], part["seconds"], part.get("cost"))
-    rows += [evolved[kind].row(kind) for kind in ROW_NAMES if evolved[kind].seeds]
+    rows += [evolved[kind].row(kind) for kind in ROW_NAMES if evolved[kind].seeds and kind not in TARGETS]
+    cross_rows += [evolved[kind].row(kind) for kind in TARGETS if evolved[kind].seeds]
     vlm_rows = None
     if "vlm" in spaces:
         from evomerge.flows.demo_vlm import vlm_evolved_row
 
         vlm_rows = vlm_fixed + [vlm_evolved_row(vlm_results)]
-    paths = write_outputs(out, rows, curves, vlm_rows=vlm_rows)
+    paths = write_outputs(out, rows, curves, vlm_rows=vlm_rows, cross_rows=cross_rows or None)
     print("\n" + render_table(rows) + "\n", flush=True)
     print(paths["markdown"].read_text(encoding="utf-8").split("\n\n", 2)[-1], flush=True)
-    return {"rows": rows, "vlm_rows": vlm_rows, "outputs": {k: str(v) for k, v in paths.items()}}
+    return {"rows": rows, "vlm_rows": vlm_rows, "cross_rows": cross_rows or None,
+            "outputs": {k: str(v) for k, v in paths.items()}}
+
+
+def _cross_fixed_rows(out: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Build (or reuse) the cross zoo; score its sources and the CROSS table's hand-set merges."""
+    cross_root = build_toy_world(CROSS_SIZE)
+    cross = load_zoo(Path(cross_root))
+    rows = [score_source(cross_root, name) for name in SOURCE_ROWS]
+    for label in cross_baseline_recipes(cross):
+        slug = label.split(" ")[0].lower() + "-" + label.split(" ")[-1]
+        rows.append(score_baseline_merge(cross_root, label, str(out / "cross" / "baselines" / slug)))
+    return cross_root, rows
 
 
 def _run_jobs(jobs: list[tuple[str, int, dict[str, Any]]], workers: int) -> list[dict[str, Any]]:
@@ -165,10 +193,11 @@ def _run_jobs(jobs: list[tuple[str, int, dict[str, Any]]], workers: int) -> list
 
 @task(name="demo-search", task_run_name="demo-{name}-seed{seed}", cache_policy=NO_CACHE)
 def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, evaluations: int,
-               dfs_evaluations: int) -> dict[str, Any]:
+               dfs_evaluations: int, cross_root: str | None = None) -> dict[str, Any]:
     """One seed's search of one kind, its best scored on the test splits: ``psdfs`` (the PS and
     PS+DFS rows from one chained run), ``ps``, ``dfs``, ``dfs_noscale`` (DFS with every scale
-    fixed to 1) or ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`)."""
+    fixed to 1), ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`) or ``cross`` (PS
+    on the cross zoo `cross_root`, targeting CROSS)."""
     out = Path(out_dir)
     if name == "vlm":
         from evomerge.flows.demo_vlm import vlm_seed
@@ -176,8 +205,17 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
 
         # micro: a quick VLM that only exercises the code path (its scores mean nothing)
         return vlm_seed(out, size=size, seed=seed, evaluations=DEFAULT_VLM_EVALUATIONS if size == "demo" else 16)
-    zoo = load_zoo(Path(zoo_root))
     storage = (out / "runs").as_uri()
+    if name == "cross":
+        if cross_root is None:
+            raise ValueError("the cross search job needs cross_root (the cross zoo)")
+        key = f"demo-cross-seed{seed}"
+        cross = load_zoo(Path(cross_root))
+        result = _run(cross_search_config(cross, seed=seed, evaluations=evaluations, storage=storage, run_key=key),
+                      key)
+        row = _search_row(result, cross_root, storage, key, out / "evolved" / "cross" / f"seed{seed}")
+        return {"rows": {"cross": row}, "curve": result["generations"]}
+    zoo = load_zoo(Path(zoo_root))
     rows: dict[str, dict[str, Any]] = {}
     curve = None
     if name == "psdfs":  # one chained run gives both the PS and the PS+DFS row

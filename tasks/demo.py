@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from evomerge_core.merge.engine import merge_to_dir
 from evomerge_core.runs.store import RunStore
 from evomerge_core.toyworld import build_zoo, load_zoo
-from evomerge_core.toyworld.demo import baseline_recipes, score_model
+from evomerge_core.toyworld.demo import CROSS_SIZE, baseline_recipes, cross_baseline_recipes, score_model
 
 
 @task(name="build-zoo", task_run_name="build-zoo-{size}", cache_policy=NO_CACHE)
@@ -33,9 +33,10 @@ def score_source(zoo_root: str, name: str) -> dict[str, Any]:
 
 @task(name="score-baseline-merge", task_run_name="merge-{label}", cache_policy=NO_CACHE)
 def score_baseline_merge(zoo_root: str, label: str, out_dir: str) -> dict[str, Any]:
-    """Merge the experts with one hand-set recipe, then score it on every test split."""
+    """Merge the experts with one hand-set recipe (the CROSS table's on the cross zoo), then
+    score it on every test split."""
     zoo = load_zoo(Path(zoo_root))
-    recipe = baseline_recipes(zoo)[label]
+    recipe = (cross_baseline_recipes(zoo) if zoo.size == CROSS_SIZE else baseline_recipes(zoo))[label]
     sources = {ref: Path(ref) for ref in recipe.model_names()}
     started = time.perf_counter()
     merged = merge_to_dir(recipe, sources, Path(out_dir), overwrite=True, progress=False)

@@ -24,6 +24,9 @@ DEFAULT_EVALUATIONS = 144  # 16 generations of the default population (9 for 6 g
 # one validation point better (docs/demo-tuning.md) but does not fit the 5-minute demo budget.
 DEFAULT_DFS_EVALUATIONS = 96  # per DFS search (PS+DFS's DFS stage, DFS, DFS with scales 1)
 SPACES = ("ps", "psdfs", "dfs", "vlm", "budget")  # the evolved rows `evomerge demo` runs by default
+OPTIONAL_SPACES = ("cross",)  # evolved rows run only when asked for (`--spaces cross`)
+CROSS_SIZE = "cross"  # the zoo of the CROSS rows (toyworld.cross_zoo)
+CROSS_TABLE_TASKS = ("cross", "skill", "lang")
 # Processes the demo's searches run in side by side: each search is single-threaded Python-bound
 # work on a tiny model (one process keeps ~1.1 of 2 cores busy), so two halve the wall time.
 DEFAULT_WORKERS = 2
@@ -139,6 +142,53 @@ def psdfs_search_config(zoo: Zoo, *, seed: int, ps_evaluations: int, dfs_evaluat
     }
 
 
+def cross_fitness(zoo: Zoo) -> dict[str, Any]:
+    """The CROSS search's fitness: exact match (right number AND the JA prefix) on the CROSS
+    train items, the run's best chosen on CROSS validation, CROSS test held out."""
+
+    def spec(split: str) -> dict[str, Any]:
+        return {"path": str(zoo.tasks["cross"][split]), "columns": {"prompt": "prompt", "answer": "answer"}}
+
+    return {
+        "dataset": spec("train"),
+        "validation": spec("validation"),
+        "selection": "validation",
+        "test": spec("test"),
+        "scorer": "exact_match",
+        "accuracy_scorer": "none",
+        "prompt_template": zoo.prompt_template,
+        "max_new_tokens": zoo.max_new_tokens,
+        "stop_strings": list(zoo.stop_strings),
+        "batch_size": 64,
+    }
+
+
+def cross_search_config(zoo: Zoo, *, seed: int, evaluations: int, storage: str, run_key: str) -> dict[str, Any]:
+    """The demo's PS search (same space and optimiser) on the cross zoo, targeting CROSS."""
+    config = search_config(zoo, seed=seed, evaluations=evaluations, storage=storage, run_key=run_key)
+    config["fitness"] = cross_fitness(zoo)
+    return config
+
+
+def cross_baseline_recipes(zoo: Zoo) -> dict[str, MergeRecipe]:
+    """The CROSS table's hand-set merges: task arithmetic, TIES and DARE-TIES (weight 1,
+    density 0.5) over the three experts and over each skill expert with `lang`."""
+    base = str(zoo.models["base"])
+    methods = {"task_arithmetic (w=1)": ("task_arithmetic", {"weight": 1.0}),
+               "TIES (d=0.5, w=1)": ("ties", {"density": 0.5, "weight": 1.0}),
+               "DARE-TIES (d=0.5, w=1)": ("dare_ties", {"density": 0.5, "weight": 1.0})}
+    groups = [EXPERTS, ("skill_a", "lang"), ("skill_b", "lang")]
+    recipes = {}
+    for label, (method, params) in methods.items():
+        for group in groups:
+            recipes[f"{label} {'+'.join(group)}"] = MergeRecipe(
+                merge_method=method,
+                base_model=base,
+                models=[ModelEntry(model=str(zoo.models[name]), parameters=dict(params)) for name in group],
+            )
+    return recipes
+
+
 def baseline_recipes(zoo: Zoo) -> dict[str, MergeRecipe]:
     """Hand-set merges of the three experts with the usual default parameters (no search).
 
@@ -165,7 +215,9 @@ def baseline_recipes(zoo: Zoo) -> dict[str, MergeRecipe]:
 def score_model(model_dir: Path, zoo: Zoo) -> dict[str, float]:
     """Exact-match accuracy of one saved model on the test split of every toy task."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    return {task: evaluate_exact_match(model, tokenizer, zoo.rows(task, "test")) for task in TABLE_TASKS}
+    tasks = CROSS_TABLE_TASKS if zoo.size == CROSS_SIZE else TABLE_TASKS
+    return {task: evaluate_exact_match(model, tokenizer, zoo.rows(task, "test"), max_new_tokens=zoo.max_new_tokens)
+            for task in tasks}
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -196,6 +248,36 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{_cell(s['lang'])} | {row.get('evaluated', '-')} | {seconds} | {tokens} |"
         )
     return "\n".join(lines)
+
+
+def render_cross_table(rows: list[dict[str, Any]]) -> str:
+    """The CROSS rows (the cross zoo): test exact match; CROSS needs the number AND JA style."""
+    lines = ["| model (cross zoo) | CROSS (target) | skill (EN add) | lang (JA read) | candidates | search s |",
+             "|" + "---|" * 6]
+    for row in rows:
+        s = row["scores"]
+        seconds = f"{row['seconds']:.0f}" if row.get("kind") == "evolved" else "-"
+        lines.append(f"| {row['name']} | {_cell(s['cross'])} | {_cell(s['skill'])} | {_cell(s['lang'])} | "
+                     f"{row.get('evaluated', '-')} | {seconds} |")
+    return "\n".join(lines)
+
+
+def cross_claims(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 23's CROSS margins on test (means over seeds)."""
+    best_source = _mean_of(rows, "cross", kind="source")
+    best_merge = _mean_of(rows, "cross", kind="merge")
+    ps = _mean_of(rows, "cross", kind="evolved", space="cross")
+    if ps is None or best_source is None or best_merge is None:
+        return []
+    claims = [f"evolved PS -> CROSS vs best source model on CROSS test: {100 * (ps - best_source):+.1f} points "
+              "(target >= +10)",
+              f"evolved PS -> CROSS vs best unoptimised merge on CROSS test: {100 * (ps - best_merge):+.1f} points "
+              "(target >= +5)"]
+    psdfs = _mean_of(rows, "cross", kind="evolved", space="cross_psdfs")
+    if psdfs is not None:
+        claims.append(f"evolved PS+DFS -> CROSS vs evolved PS -> CROSS on CROSS test: {100 * (psdfs - ps):+.1f} "
+                      "points (target >= 0)")
+    return claims
 
 
 def render_vlm_table(rows: list[dict[str, Any]]) -> str:
@@ -260,17 +342,22 @@ def _budget_claims(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_outputs(out_dir: Path, rows: list[dict[str, Any]], curves: list[list[dict[str, Any]]],
-                  vlm_rows: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+                  vlm_rows: list[dict[str, Any]] | None = None,
+                  cross_rows: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Write `results.md`, `results.json` and `fitness.png` (best/mean per generation per seed
     of the PS search)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    claims = check_claims(rows, vlm_rows)
+    claims = check_claims(rows, vlm_rows) + cross_claims(cross_rows or [])
     md = "# evomerge demo: the paper's Table 1 in miniature\n\n" + render_table(rows) + "\n\n"
     if vlm_rows:
         md += render_vlm_table(vlm_rows) + "\n\n"
+    if cross_rows:
+        md += render_cross_table(cross_rows) + "\n\n"
     md += "\n".join(f"- {c}" for c in claims) + "\n"
     (out_dir / "results.md").write_text(md, encoding="utf-8")
     data = {"rows": rows, "vlm_rows": vlm_rows, "claims": claims}
+    if cross_rows:
+        data["cross_rows"] = cross_rows
     (out_dir / "results.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     plot = out_dir / "fitness.png"
     _plot_curves(curves, plot)
