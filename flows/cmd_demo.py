@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spaces", default=",".join(SPACES),
                         help=f"evolved rows to run, comma-separated from {', '.join(SPACES + OPTIONAL_SPACES)} "
                              f"(default: {', '.join(SPACES)}); psdfs includes ps, dfs includes its "
-                             "scales-fixed-to-1 ablation, cross adds the CROSS table (its own zoo)")
+                             "scales-fixed-to-1 ablation, cross adds the CROSS table (its own zoo), crossdfs also its PS+DFS row")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"processes the searches run in side by side (default {DEFAULT_WORKERS}; 1: one after "
                              "another); results do not depend on it")

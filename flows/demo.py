@@ -38,6 +38,7 @@ from evomerge_core.toyworld.demo import (
     baseline_recipes,
     budget_search_config,
     cross_baseline_recipes,
+    cross_psdfs_search_config,
     cross_search_config,
     dfs_search_config,
     psdfs_search_config,
@@ -55,8 +56,9 @@ ROW_NAMES = {
     "dfs": "evolved DFS (A = lang, B = skill_a)",
     "dfs_noscale": "evolved DFS, scales fixed to 1 (ablation)",
     "cross": "evolved PS (DARE-TIES, CMA-ES) → CROSS",
+    "cross_psdfs": "evolved PS+DFS (A = PS model, B = lang) → CROSS",
 }
-TARGETS = {"cross": "cross"}  # results.json's "target" of a row searched for one task (the CROSS table's rows)
+TARGETS = {"cross": "cross", "cross_psdfs": "cross"}  # results.json's "target" of a row searched for one task (the CROSS table's rows)
 BUDGETED = {"ps_budget": True, "ps_random": "random"}  # results.json's "budgeted" mark of a row
 
 
@@ -99,7 +101,10 @@ def _jobs(seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
             jobs.append(("psdfs", seed))
         elif "ps" in spaces:
             jobs.append(("ps", seed))
-    jobs += [("cross", seed) for seed in range(seeds) if "cross" in spaces]
+    if "crossdfs" in spaces:  # one chained run gives the PS and the PS+DFS rows of the CROSS table
+        jobs += [("crossdfs", seed) for seed in range(seeds)]
+    elif "cross" in spaces:
+        jobs += [("cross", seed) for seed in range(seeds)]
     jobs += [(kind, seed) for seed in range(seeds) for kind in ("ps_budget", "ps_random") if "budget" in spaces]
     jobs += [("vlm", seed) for seed in range(seeds) if "vlm" in spaces]
     jobs += [(kind, seed) for seed in range(seeds) for kind in ("dfs", "dfs_noscale") if "dfs" in spaces]
@@ -114,7 +119,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
 
     `spaces` picks the evolved rows: "ps", "psdfs" (implies the PS row), "dfs" (also runs its
     scales-fixed-to-1 ablation), "vlm" (the VLM table) and "cross" (the CROSS table, on the
-    cross zoo). `workers` processes run the
+    cross zoo; "crossdfs" adds its PS+DFS row). `workers` processes run the
     searches side by side (1: one after another in the flow's process).
     """
     out = Path(out_dir).resolve()
@@ -131,7 +136,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
         vlm_fixed = vlm_fixed_rows(out, size=size)
     cross_root = None
     cross_rows: list[dict[str, Any]] = []
-    if "cross" in spaces:
+    if "cross" in spaces or "crossdfs" in spaces:
         cross_root, cross_rows = _cross_fixed_rows(out)
 
     jobs = _jobs(seeds, spaces)
@@ -196,8 +201,9 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
                dfs_evaluations: int, cross_root: str | None = None) -> dict[str, Any]:
     """One seed's search of one kind, its best scored on the test splits: ``psdfs`` (the PS and
     PS+DFS rows from one chained run), ``ps``, ``dfs``, ``dfs_noscale`` (DFS with every scale
-    fixed to 1), ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`) or ``cross`` (PS
-    on the cross zoo `cross_root`, targeting CROSS)."""
+    fixed to 1), ``vlm`` (the VLM search, `evomerge.flows.demo_vlm.vlm_seed`), ``cross`` (PS
+    on the cross zoo `cross_root`, targeting CROSS) or ``crossdfs`` (that PS and PS+DFS on it as
+    one chained run)."""
     out = Path(out_dir)
     if name == "vlm":
         from evomerge.flows.demo_vlm import vlm_seed
@@ -206,15 +212,10 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
         # micro: a quick VLM that only exercises the code path (its scores mean nothing)
         return vlm_seed(out, size=size, seed=seed, evaluations=DEFAULT_VLM_EVALUATIONS if size == "demo" else 16)
     storage = (out / "runs").as_uri()
-    if name == "cross":
+    if name in ("cross", "crossdfs"):
         if cross_root is None:
-            raise ValueError("the cross search job needs cross_root (the cross zoo)")
-        key = f"demo-cross-seed{seed}"
-        cross = load_zoo(Path(cross_root))
-        result = _run(cross_search_config(cross, seed=seed, evaluations=evaluations, storage=storage, run_key=key),
-                      key)
-        row = _search_row(result, cross_root, storage, key, out / "evolved" / "cross" / f"seed{seed}")
-        return {"rows": {"cross": row}, "curve": result["generations"]}
+            raise ValueError(f"the {name} search job needs cross_root (the cross zoo)")
+        return _cross_job(name, seed, cross_root, out, evaluations, dfs_evaluations)
     zoo = load_zoo(Path(zoo_root))
     rows: dict[str, dict[str, Any]] = {}
     curve = None
@@ -249,6 +250,30 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
     else:
         raise ValueError(f"unknown demo search job {name!r}")
     return {"rows": rows, "curve": curve}
+
+
+def _cross_job(name: str, seed: int, cross_root: str, out: Path, evaluations: int,
+               dfs_evaluations: int) -> dict[str, Any]:
+    """The CROSS table's searches on the cross zoo: ``cross`` (PS) or ``crossdfs`` (PS and PS+DFS
+    as one chained run, A = the PS model, B = lang)."""
+    storage = (out / "runs").as_uri()
+    key = f"demo-{name}-seed{seed}"
+    cross = load_zoo(Path(cross_root))
+    if name == "cross":
+        result = _run(cross_search_config(cross, seed=seed, evaluations=evaluations, storage=storage, run_key=key),
+                      key)
+        row = _search_row(result, cross_root, storage, key, out / "evolved" / "cross" / f"seed{seed}")
+        return {"rows": {"cross": row}, "curve": None}
+    _run(cross_psdfs_search_config(cross, seed=seed, ps_evaluations=evaluations, dfs_evaluations=dfs_evaluations,
+                                   storage=storage, run_key=key), key)
+    rows = {}
+    for index, kind in ((0, "cross"), (1, "cross_psdfs")):
+        stage = _stage_result(storage, key, index)
+        scores = score_evolved.fn(cross_root, f"{storage}/{key}/stages", str(index),
+                                  str(out / "evolved" / kind / f"seed{seed}"))
+        rows[kind] = {"scores": scores, "evaluated": stage["evaluations"], "seconds": search_seconds(stage),
+                      "cost": stage.get("cost")}
+    return {"rows": rows, "curve": None}
 
 
 def _search_row(result: dict, zoo_root, storage: str, key: str, model_out) -> dict:

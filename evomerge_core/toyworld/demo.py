@@ -24,7 +24,8 @@ DEFAULT_EVALUATIONS = 144  # 16 generations of the default population (9 for 6 g
 # one validation point better (docs/demo-tuning.md) but does not fit the 5-minute demo budget.
 DEFAULT_DFS_EVALUATIONS = 96  # per DFS search (PS+DFS's DFS stage, DFS, DFS with scales 1)
 SPACES = ("ps", "psdfs", "dfs", "vlm", "budget")  # the evolved rows `evomerge demo` runs by default
-OPTIONAL_SPACES = ("cross",)  # evolved rows run only when asked for (`--spaces cross`)
+# Evolved rows run only when asked for: "cross" (PS -> CROSS), "crossdfs" (also PS+DFS -> CROSS).
+OPTIONAL_SPACES = ("cross", "crossdfs")
 CROSS_SIZE = "cross"  # the zoo of the CROSS rows (toyworld.cross_zoo)
 CROSS_TABLE_TASKS = ("cross", "skill", "lang")
 # Processes the demo's searches run in side by side: each search is single-threaded Python-bound
@@ -130,6 +131,19 @@ def psdfs_search_config(zoo: Zoo, *, seed: int, ps_evaluations: int, dfs_evaluat
     """The paper's PS+DFS as one chained run: stage ``ps`` is exactly the demo's PS search,
     stage ``dfs`` searches the layers of its best model (A) and the JA model (B)."""
     ps = search_config(zoo, seed=seed, evaluations=ps_evaluations, storage=storage, run_key=run_key)
+    return _chained(ps, zoo, seed, dfs_evaluations)
+
+
+def cross_psdfs_search_config(zoo: Zoo, *, seed: int, ps_evaluations: int, dfs_evaluations: int, storage: str,
+                              run_key: str) -> dict[str, Any]:
+    """PS+DFS targeting CROSS on the cross zoo: stage ``ps`` is `cross_search_config`'s search,
+    stage ``dfs`` the layers of its best model (A) and the JA model (B), same fitness."""
+    ps = cross_search_config(zoo, seed=seed, evaluations=ps_evaluations, storage=storage, run_key=run_key)
+    return _chained(ps, zoo, seed, dfs_evaluations)
+
+
+def _chained(ps: dict[str, Any], zoo: Zoo, seed: int, dfs_evaluations: int) -> dict[str, Any]:
+    """A PS search config as stage ``ps`` of a chained run whose stage ``dfs`` takes its best as A."""
     ps.pop("space")
     return {
         **ps,

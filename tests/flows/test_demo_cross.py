@@ -13,6 +13,7 @@ from evomerge_core.toyworld.demo import (
     OPTIONAL_SPACES,
     SPACES,
     cross_baseline_recipes,
+    cross_psdfs_search_config,
     cross_search_config,
     write_outputs,
 )
@@ -39,6 +40,7 @@ def test_cross_is_an_optional_space_with_its_own_jobs():
     assert "cross" in OPTIONAL_SPACES and "cross" not in SPACES
     assert _jobs(2, ("psdfs", "cross")) == [("psdfs", 0), ("psdfs", 1), ("cross", 0), ("cross", 1)]
     assert _jobs(1, ("cross",)) == [("cross", 0)]
+    assert _jobs(2, ("cross", "crossdfs")) == [("crossdfs", 0), ("crossdfs", 1)]  # crossdfs includes cross
 
 
 def test_cross_row_says_its_target():
@@ -67,6 +69,21 @@ def test_cross_search_config_targets_cross_with_validation_selection(tmp_path):
     assert config["space"]["ps"]["method"] == "dare_ties" and config["optimizer"] == {"seed": 1, "evaluations": 144}
     parsed = parse_run_config(config)  # a valid run config
     assert parsed is not None
+
+
+def test_cross_psdfs_is_the_cross_ps_search_then_dfs_with_lang(tmp_path):
+    zoo = _fake_cross_zoo(tmp_path)
+    storage = (tmp_path / "runs").as_uri()
+    config = cross_psdfs_search_config(zoo, seed=2, ps_evaluations=144, dfs_evaluations=96, storage=storage,
+                                       run_key="k")
+    ps = cross_search_config(zoo, seed=2, evaluations=144, storage=storage, run_key="k")
+    assert config["fitness"] == ps["fitness"] and "space" not in config
+    assert [stage["name"] for stage in config["stages"]] == ["ps", "dfs"]
+    assert config["stages"][0]["space"] == ps["space"]
+    dfs = config["stages"][1]
+    assert dfs["space"]["dfs"]["model_a"] == "@ps" and dfs["space"]["dfs"]["model_b"] == str(zoo.models["lang"])
+    assert dfs["optimizer"] == {"seed": 2, "evaluations": 96}
+    assert parse_run_config(config) is not None
 
 
 def test_cross_hand_set_merges(tmp_path):
