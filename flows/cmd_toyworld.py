@@ -1,4 +1,4 @@
-"""`evomerge toyworld [--size micro|demo] [--out DIR]`: build (or reuse from the cache) the
+"""`evomerge toyworld [--size micro|demo|cross] [--out DIR]`: build (or reuse from the cache) the
 offline toy world and copy it to DIR (default ./toyworld), so a run config can name its models
 and task files by stable relative paths (`examples/toyworld-ps.yaml`). No Prefect, no downloads.
 
@@ -18,8 +18,9 @@ from evomerge_core.errors import UsageError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `evomerge toyworld`."""
-    parser.add_argument("--size", default="micro", choices=["micro", "demo"],
-                        help="toy world size (micro: about 25 s to build on one core; default micro)")
+    parser.add_argument("--size", default="micro", choices=["micro", "demo", "cross"],
+                        help="toy world size (micro: about 25 s to build on one core; cross: the CROSS world "
+                             "of issue 23, 3-7 min; default micro)")
     parser.add_argument("--out", default="toyworld", help="where the copy goes (default: ./toyworld)")
 
 
