@@ -10,7 +10,8 @@
             minibatches of the same budget ("budget" in `spaces`)
         per seed, the VLM search (`evomerge.flows.demo_vlm`)
         per seed, the PS search on the cross zoo targeting CROSS ("cross" in `spaces`; its
-            sources and hand-set merges are scored on the cross zoo first)
+            sources and hand-set merges are scored on the cross zoo first), or PS then DFS as
+            one chained run ("crossdfs")
       each job scores its runs' best models on the test splits
     write results.md / results.json / fitness.png (and the VLM table when asked)
 
@@ -58,7 +59,8 @@ ROW_NAMES = {
     "cross": "evolved PS (DARE-TIES, CMA-ES) → CROSS",
     "cross_psdfs": "evolved PS+DFS (A = PS model, B = lang) → CROSS",
 }
-TARGETS = {"cross": "cross", "cross_psdfs": "cross"}  # results.json's "target" of a row searched for one task (the CROSS table's rows)
+# results.json's "target" of a row searched for one task: the CROSS table's evolved rows
+TARGETS = {"cross": "cross", "cross_psdfs": "cross"}
 BUDGETED = {"ps_budget": True, "ps_random": "random"}  # results.json's "budgeted" mark of a row
 
 
@@ -151,7 +153,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
         if name == "vlm":
             vlm_results.append(result)
             continue
-        if result.get("curve") is not None and name not in TARGETS:
+        if result.get("curve") is not None:  # the UNION PS searches' curves (the CROSS jobs give none)
             curves.append(result["curve"])
         for kind, part in result["rows"].items():
             evolved[kind].add(part["scores"], part["evaluated"], part["seconds"], part.get("cost"))
@@ -211,12 +213,12 @@ def search_job(name: str, seed: int, zoo_root: str, out_dir: str, size: str, eva
 
         # micro: a quick VLM that only exercises the code path (its scores mean nothing)
         return vlm_seed(out, size=size, seed=seed, evaluations=DEFAULT_VLM_EVALUATIONS if size == "demo" else 16)
-    storage = (out / "runs").as_uri()
     if name in ("cross", "crossdfs"):
         if cross_root is None:
             raise ValueError(f"the {name} search job needs cross_root (the cross zoo)")
         return _cross_job(name, seed, cross_root, out, evaluations, dfs_evaluations)
     zoo = load_zoo(Path(zoo_root))
+    storage = (out / "runs").as_uri()
     rows: dict[str, dict[str, Any]] = {}
     curve = None
     if name == "psdfs":  # one chained run gives both the PS and the PS+DFS row
