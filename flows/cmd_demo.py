@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"evolved rows to run, comma-separated from {', '.join(SPACES + OPTIONAL_SPACES)} "
                              f"(default: {', '.join(SPACES)}); psdfs includes ps, dfs includes its "
                              "scales-fixed-to-1 ablation, cross adds the CROSS table (its own zoo), crossdfs also its PS+DFS row")
+    parser.add_argument("--cross-zoo-seed", type=int, default=0,
+                        help="seed of the cross zoo (the CROSS table's world; default 0): another seed rebuilds "
+                             "the same recipe, to check the effect is not one lucky zoo")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"processes the searches run in side by side (default {DEFAULT_WORKERS}; 1: one after "
                              "another); results do not depend on it")
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo flow and print where its outputs are."""
     if args.seeds < 1 or args.evaluations < 2 or args.dfs_evaluations < 2 or args.workers < 1:
         raise UsageError("--seeds and --workers must be >= 1 and --evaluations / --dfs-evaluations >= 2")
+    if args.cross_zoo_seed < 0:
+        raise UsageError("--cross-zoo-seed must be >= 0")
     spaces = tuple(s.strip() for s in args.spaces.split(",") if s.strip())
     unknown = sorted(set(spaces) - set(SPACES) - set(OPTIONAL_SPACES))
     if unknown or not spaces:
@@ -55,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         from evomerge.flows.demo import demo
 
         result = demo(out_dir=args.out, size=args.size, seeds=args.seeds, evaluations=args.evaluations,
-                      dfs_evaluations=args.dfs_evaluations, spaces=spaces, workers=args.workers)
+                      dfs_evaluations=args.dfs_evaluations, spaces=spaces, workers=args.workers,
+                      cross_zoo_seed=args.cross_zoo_seed)
     print(f"demo finished in {time.perf_counter() - started:.0f} s; table: {result['outputs']['markdown']}")
     return 0

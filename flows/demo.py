@@ -116,7 +116,7 @@ def _jobs(seeds: int, spaces: tuple[str, ...]) -> list[tuple[str, int]]:
 @flow(name="demo", validate_parameters=False)
 def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DEFAULT_EVALUATIONS,
          dfs_evaluations: int = DEFAULT_DFS_EVALUATIONS, spaces: tuple[str, ...] = SPACES,
-         workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
+         workers: int = DEFAULT_WORKERS, cross_zoo_seed: int = 0) -> dict[str, Any]:
     """Run the whole demo; returns the rows of the results table and the output paths.
 
     `spaces` picks the evolved rows: "ps", "psdfs" (implies the PS row), "dfs" (also runs its
@@ -139,7 +139,7 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
     cross_root = None
     cross_rows: list[dict[str, Any]] = []
     if "cross" in spaces or "crossdfs" in spaces:
-        cross_root, cross_rows = _cross_fixed_rows(out)
+        cross_root, cross_rows = _cross_fixed_rows(out, cross_zoo_seed)
 
     jobs = _jobs(seeds, spaces)
     params = {"zoo_root": zoo_root, "out_dir": str(out), "size": size, "evaluations": evaluations,
@@ -171,9 +171,9 @@ def demo(out_dir: str, size: str = "demo", seeds: int = 3, evaluations: int = DE
             "outputs": {k: str(v) for k, v in paths.items()}}
 
 
-def _cross_fixed_rows(out: Path) -> tuple[str, list[dict[str, Any]]]:
+def _cross_fixed_rows(out: Path, zoo_seed: int = 0) -> tuple[str, list[dict[str, Any]]]:
     """Build (or reuse) the cross zoo; score its sources and the CROSS table's hand-set merges."""
-    cross_root = build_toy_world(CROSS_SIZE)
+    cross_root = build_toy_world(CROSS_SIZE, zoo_seed)
     cross = load_zoo(Path(cross_root))
     rows = [score_source(cross_root, name) for name in SOURCE_ROWS]
     for label in cross_baseline_recipes(cross):

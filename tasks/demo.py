@@ -15,10 +15,10 @@ from evomerge_core.toyworld import build_zoo, load_zoo
 from evomerge_core.toyworld.demo import CROSS_SIZE, baseline_recipes, cross_baseline_recipes, score_model
 
 
-@task(name="build-zoo", task_run_name="build-zoo-{size}", cache_policy=NO_CACHE)
-def build_toy_world(size: str) -> str:
-    """Build (or reuse from the cache) the toy world; returns its root directory."""
-    return str(build_zoo(size).root)
+@task(name="build-zoo", task_run_name="build-zoo-{size}-s{seed}", cache_policy=NO_CACHE)
+def build_toy_world(size: str, seed: int = 0) -> str:
+    """Build (or reuse from the cache) the toy world of `size` and zoo `seed`; returns its root directory."""
+    return str(build_zoo(size, seed=seed).root)
 
 
 @task(name="score-source", task_run_name="score-{name}", cache_policy=NO_CACHE)

@@ -114,3 +114,26 @@ def test_outputs_carry_the_cross_table_and_claims(tmp_path):
     assert "+15.0 points (target >= +5)" in " ".join(data["claims"])
     md = paths["markdown"].read_text(encoding="utf-8")
     assert "| model (cross zoo) | CROSS (target) |" in md and "| evolved | 0.650 ± 0.050 |" in md
+
+
+def test_cross_zoo_seed_option_reaches_the_zoo_build_and_rejects_negatives(monkeypatch):
+    import argparse
+
+    import pytest
+
+    from evomerge.flows import cmd_demo, demo as demo_flow
+    from evomerge_core.errors import UsageError
+
+    parser = argparse.ArgumentParser()
+    cmd_demo.add_arguments(parser)
+    assert parser.parse_args([]).cross_zoo_seed == 0
+    with pytest.raises(UsageError, match="--cross-zoo-seed"):
+        cmd_demo.run(parser.parse_args(["--cross-zoo-seed", "-1", "--spaces", "cross"]))
+
+    built = []
+    monkeypatch.setattr(demo_flow, "build_toy_world", lambda size, seed=0: built.append((size, seed)) or "/nowhere")
+    monkeypatch.setattr(demo_flow, "load_zoo", lambda root: type("Z", (), {})())
+    monkeypatch.setattr(demo_flow, "cross_baseline_recipes", lambda zoo: [])
+    monkeypatch.setattr(demo_flow, "score_source", lambda root, name: {"name": name})
+    demo_flow._cross_fixed_rows(Path("/tmp/out"), 2)
+    assert built == [(demo_flow.CROSS_SIZE, 2)]
