@@ -97,7 +97,8 @@ def _variant_zoo(name, work):
     from evomerge_core.toyworld.tasks import make_world
     from evomerge_core.toyworld.tokenizer import build_tokenizer, vocabulary
     from evomerge_core.toyworld.train import deterministic_torch, train_stage
-    from evomerge_core.toyworld.zoo import Zoo, _save_model
+    from evomerge_core.toyworld.evaluate import save_model
+    from evomerge_core.toyworld.zoo import Zoo
 
     src = build_zoo("demo", progress=False)
     root = work / name
@@ -120,7 +121,7 @@ def _variant_zoo(name, work):
                 continue
             model = copy.deepcopy(base)
             train_stage(model, world, variant[m], vocab)
-            _save_model(model, tokenizer, root / "models" / m)
+            save_model(model, tokenizer, root / "models" / m)
     (root / "done").write_text("1")
     return zoo
 

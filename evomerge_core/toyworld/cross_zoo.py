@@ -10,7 +10,6 @@ The experts are fine-tuned from it: skill_a / skill_b on EN addition, lang on JA
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import time
@@ -19,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .cross_world import TASK_KINDS, Check, CrossWorld, make_cross_world, number_rate, select_base_step
-from .evaluate import generate_answers, quiet_progress
-from .tasks import SPLITS
+from .evaluate import generate_answers, save_model
+from .tasks import SPLITS, write_rows
 from .tokenizer import build_tokenizer, vocabulary
-from .train import ModelShape, Stage, StageRun, deterministic_torch, new_model
+from .train import ModelShape, Stage, StageRun, deterministic_torch, new_model, seeded_stage
 
 # Bump when a code change alters what the cross recipe builds.
 CROSS_CODE_VERSION = 1
@@ -83,10 +82,7 @@ def write_cross_tasks(root: Path, world: CrossWorld, recipe: CrossRecipe, seed: 
         files = {task: world.rows(kind, split, limits[split], seed) for task, kind in TASK_KINDS.items()}
         files["union"] = [row for pair in zip(files["skill"], files["lang"]) for row in pair]
         for task, rows in files.items():
-            path = root / "tasks" / task / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            write_rows(root / "tasks" / task / f"{split}.jsonl", rows)
 
 
 def train_base(model, world: CrossWorld, recipe: CrossRecipe, seed: int,
@@ -95,7 +91,7 @@ def train_base(model, world: CrossWorld, recipe: CrossRecipe, seed: int,
     vocab, tokenizer = vocabulary(), build_tokenizer()
     en_rows = world.rows("en_hard", "validation", recipe.n_hard, seed)
     ja_rows = world.rows("ja_hard", "validation", recipe.n_hard, seed)
-    stage = dataclasses.replace(recipe.base, seed=recipe.base.seed + 1000 * seed)
+    stage = seeded_stage(recipe.base, seed)
     run = StageRun(model, stage, vocab, world.sample)
     checks: list[Check] = []
     previous: dict | None = None  # the last checkpoint's weights (the overshoot rule's fallback)
@@ -125,11 +121,6 @@ def build_cross_into(root: Path, recipe: CrossRecipe, seed: int, say: Callable[[
     write_cross_tasks(root, world, recipe, seed)
     vocab, tokenizer = vocabulary(), build_tokenizer()
 
-    def save(name: str, model) -> None:
-        with quiet_progress():
-            model.save_pretrained(root / "models" / name)
-            tokenizer.save_pretrained(root / "models" / name)
-
     seconds: dict[str, float] = {}
     losses: dict[str, float] = {}
     with deterministic_torch(recipe.threads):
@@ -137,16 +128,16 @@ def build_cross_into(root: Path, recipe: CrossRecipe, seed: int, say: Callable[[
         base = new_model(recipe.shape, vocab, vocab["\n"], seed)
         step, checks = train_base(base, world, recipe, seed, say)
         base.eval()
-        save("base", base)
+        save_model(base, tokenizer, root / "models" / "base")
         seconds["base"] = round(time.time() - t0, 1)
         if say is not None:
             say(f"base: step {step} chosen in {seconds['base']}s")
         for name, expert_stage in recipe.experts:
             t0 = time.time()
             model = copy.deepcopy(base)
-            stage = dataclasses.replace(expert_stage, seed=expert_stage.seed + 1000 * seed)
+            stage = seeded_stage(expert_stage, seed)
             losses[name] = StageRun(model, stage, vocab, world.sample).advance(stage.steps)
-            save(name, model)
+            save_model(model, tokenizer, root / "models" / name)
             seconds[name] = round(time.time() - t0, 1)
             if say is not None:
                 say(f"{name} done in {seconds[name]}s")

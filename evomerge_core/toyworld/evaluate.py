@@ -36,6 +36,13 @@ def load_model(model_dir: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def save_model(model, tokenizer, model_dir: Path) -> None:
+    """Save a toy model and its tokenizer as a Hugging Face model directory (quietly)."""
+    with quiet_progress():
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+
+
 def load_tokenizer(model_dir: str | Path):
     """Load the tokenizer saved next to a toy-world model."""
     return AutoTokenizer.from_pretrained(str(model_dir))

@@ -18,8 +18,10 @@ partition), and models are trained on train items only, so no test item is ever 
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 Row = dict[str, str]
@@ -177,3 +179,10 @@ def union_rows(world: World, split: Split, per_task: int, seed: int) -> list[Row
     for skill_row, lang_row in zip(skill, lang):
         rows += [skill_row, lang_row]
     return rows
+
+
+def write_rows(path: Path, rows: list[Row]) -> None:
+    """Write rows as one JSON object per line (UTF-8, parent folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

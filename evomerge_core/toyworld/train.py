@@ -9,6 +9,8 @@ weights (given the same torch thread count, which the zoo builder fixes).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -191,3 +193,8 @@ def optimise(
             on_step(step, value)
     model.eval()
     return sum(tail) / len(tail)
+
+
+def seeded_stage(stage: Stage, zoo_seed: int) -> Stage:
+    """The stage of a zoo rebuilt with `zoo_seed`: every zoo seed shifts the stage's seed."""
+    return dataclasses.replace(stage, seed=stage.seed + 1000 * zoo_seed)

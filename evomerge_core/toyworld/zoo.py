@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge_core.errors import UsageError
-from .evaluate import MAX_NEW_TOKENS, PROMPT_TEMPLATE, STOP_STRINGS, quiet_progress
+from .evaluate import MAX_NEW_TOKENS, PROMPT_TEMPLATE, STOP_STRINGS, save_model
 from .cross_zoo import CROSS, CrossRecipe, build_cross_into
 from .recipes import CODE_VERSION, MODEL_NAMES, RECIPES, Recipe
-from .tasks import SPLITS, World, make_world, split_rows, union_rows
+from .tasks import SPLITS, World, make_world, split_rows, union_rows, write_rows
 from .tokenizer import build_tokenizer, vocabulary
-from .train import Stage, deterministic_torch, new_model, train_stage
+from .train import Stage, deterministic_torch, new_model, seeded_stage, train_stage
 
 TASK_NAMES = ("union", "skill", "lang", "cross")
 TARGET_SCRIPT = "fullwidth"
@@ -134,10 +134,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _seeded(stage: Stage, seed: int) -> Stage:
-    return dataclasses.replace(stage, seed=stage.seed + 1000 * seed)
-
-
 def _write_tasks(root: Path, world: World, recipe: Recipe, seed: int) -> None:
     limits = {"train": recipe.n_train_rows, "validation": recipe.n_validation, "test": recipe.n_test}
     for split in SPLITS:
@@ -148,17 +144,7 @@ def _write_tasks(root: Path, world: World, recipe: Recipe, seed: int) -> None:
             "union": union_rows(world, split, limits[split], seed),
         }
         for task, rows in files.items():
-            path = root / "tasks" / task / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as fh:
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _save_model(model, tokenizer, path: Path) -> None:
-    with quiet_progress():
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+            write_rows(root / "tasks" / task / f"{split}.jsonl", rows)
 
 
 def _build_cross(root: Path, recipe: CrossRecipe, seed: int, progress: bool) -> None:
@@ -190,8 +176,8 @@ def _build_into(root: Path, recipe: Recipe | CrossRecipe, seed: int, progress: b
             if progress and (step + 1) % every == 0:
                 _say(f"toyworld[{recipe.size}]: {name} step {step + 1}/{stage.steps} loss {loss:.3f}")
 
-        losses[name] = train_stage(model, world, _seeded(stage, seed), vocab, on_step)
-        _save_model(model, tokenizer, root / "models" / name)
+        losses[name] = train_stage(model, world, seeded_stage(stage, seed), vocab, on_step)
+        save_model(model, tokenizer, root / "models" / name)
         if progress:
             _say(f"toyworld[{recipe.size}]: {name} done in {time.time() - t0:.1f}s")
 

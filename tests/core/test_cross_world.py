@@ -26,12 +26,7 @@ from evomerge_core.toyworld.tokenizer import build_tokenizer, encode, vocabulary
 from evomerge_core.toyworld.train import ModelShape, Stage, StageRun, new_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/core/conftest.py
 
 
 def test_row_formats():

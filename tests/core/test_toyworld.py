@@ -32,12 +32,7 @@ from evomerge_core.toyworld.tasks import en_words, ja_reading, make_world, split
 from evomerge_core.toyworld.tokenizer import build_tokenizer, encode, vocabulary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/core/conftest.py
 
 
 @pytest.fixture(scope="module")
