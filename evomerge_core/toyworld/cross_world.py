@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .tasks import Partition, Row, Split, _partition, en_words, ja_reading
+from .tasks import Partition, Row, Split, partition_items, en_words, ja_reading
 
 EN_PREFIX = "ans "
 JA_PREFIX = "こたえは"
@@ -80,9 +80,9 @@ def make_cross_world(seed: int, n_hard: int = 300, n_easy: int = 100, n_numbers:
     hard = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     easy = [(a, b) for a in range(100) for b in range(10)]
     return CrossWorld(
-        hard=_partition(hard, n_hard, n_hard, random.Random(f"hard-{seed}")),
-        easy=_partition(easy, n_easy, n_easy, random.Random(f"easy-{seed}")),
-        numbers=_partition(list(range(10000)), n_numbers[0], n_numbers[1], random.Random(f"nums-{seed}")),
+        hard=partition_items(hard, n_hard, n_hard, random.Random(f"hard-{seed}")),
+        easy=partition_items(easy, n_easy, n_easy, random.Random(f"easy-{seed}")),
+        numbers=partition_items(list(range(10000)), n_numbers[0], n_numbers[1], random.Random(f"nums-{seed}")),
     )
 
 

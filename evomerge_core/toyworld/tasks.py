@@ -112,7 +112,8 @@ class Partition:
         return getattr(self, name)
 
 
-def _partition(items: list, n_val: int, n_test: int, rng: random.Random) -> Partition:
+def partition_items(items: list, n_val: int, n_test: int, rng: random.Random) -> Partition:
+    """Shuffle `items` with `rng` and split them into test, validation and the rest (train)."""
     if n_val + n_test >= len(items):
         raise ValueError(f"{len(items)} items cannot give {n_val} validation + {n_test} test items and a train split")
     items = list(items)
@@ -137,11 +138,11 @@ def make_world(max_a: int, max_b: int, max_number: int, n_val: int, n_test: int,
     """Partition operand pairs (0..max_a) x (0..max_b) and numbers 0..max_number, seeded."""
     pairs = [(a, b) for a in range(max_a + 1) for b in range(max_b + 1)]
     numbers = list(range(max_number + 1))
-    part = _partition(pairs, n_val, n_test, random.Random(f"pairs-{seed}"))
+    part = partition_items(pairs, n_val, n_test, random.Random(f"pairs-{seed}"))
     small = Partition(*(tuple(p for p in part.split(s) if p[0] < 10) for s in SPLITS))
     return World(
         pairs=part,
-        numbers=_partition(numbers, n_val, n_test, random.Random(f"numbers-{seed}")),
+        numbers=partition_items(numbers, n_val, n_test, random.Random(f"numbers-{seed}")),
         small_pairs=small,
     )
 
